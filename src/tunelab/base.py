@@ -1,0 +1,67 @@
+"""Stage `base`: make a study model available locally before any run trains on it.
+
+- `tiny`: train a BPE tokenizer on the train split and generic synthetic text, build a random-weight
+  Qwen2 and warm it up with plain language-model training on the generic text (a cold 2-layer model
+  emits EOS first and learns nothing useful in a hundred adapter steps).
+- `hf:<id>`: download the snapshot from the Hugging Face Hub (token from HF_TOKEN, never written).
+- a local directory: use it as it is.
+
+Writes `results/base/<model>/base.json` ({"path": where the weights are}) and, for tiny, the weights.
+Run: `tunelab base --config config.yaml --model tiny --data results/data --out results/base/tiny`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tunelab import modeling, synthetic
+from tunelab.artifacts import atomic_dir, read_jsonl, write_json
+from tunelab.config import ModelConfig, TrainConfig
+from tunelab.tokenize import prompt
+
+log = logging.getLogger(__name__)
+GENERIC_DOCUMENTS = 4000
+
+
+def run_base(model: ModelConfig, data_dir: Path, out: Path) -> str:
+    """Materialise `model` under `out`; return the path the other stages load it from."""
+    if model.source == "tiny":
+        with atomic_dir(out) as tmp:
+            _build_tiny(model, data_dir, tmp)
+            write_json(tmp / "base.json", {"path": str(out.resolve()), "source": "tiny"})
+        return str(out.resolve())
+    if model.source.startswith("hf:"):
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(model.source.removeprefix("hf:"),
+                                 allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"])
+    else:
+        path = str(Path(model.source).resolve())
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "base.json", {"path": path, "source": model.source})
+    log.info("base model %s is at %s", model.source, path)
+    return path
+
+
+def _build_tiny(model: ModelConfig, data_dir: Path, out: Path) -> None:
+    settings = model.tiny
+    generic = synthetic.generic_text(GENERIC_DOCUMENTS)
+    records = read_jsonl(data_dir / "train.jsonl")
+    corpus = generic + [prompt(r) + r["output"] for r in records]
+    tokenizer = modeling.train_tiny_tokenizer(corpus, settings.vocab_size)
+    network = modeling.build_tiny_model(settings, tokenizer).to(modeling.device())
+    log.info("tiny base: vocabulary %d, %s parameters", len(tokenizer),
+             f"{sum(p.numel() for p in network.parameters()):,}")
+    if settings.warmup_steps:
+        from tunelab.train import fit
+
+        documents = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in generic]
+        examples = [{"input_ids": ids, "labels": ids} for ids in documents]
+        warmup = TrainConfig(method="full", max_steps=settings.warmup_steps, learning_rate=settings.warmup_learning_rate,
+                             micro_batch_size=settings.warmup_batch_size, eval_every=settings.warmup_steps,
+                             warmup_steps=settings.warmup_steps // 10, profile={"steps": 0})
+        metrics = fit(network, examples[200:], examples[:200], warmup, tokenizer.pad_token_id, label="warm-up")
+        write_json(out / "warmup_metrics.json", metrics)
+    network.save_pretrained(out)
+    tokenizer.save_pretrained(out)

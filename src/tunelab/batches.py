@@ -1,0 +1,76 @@
+"""Batches of tokenized examples, and the token-weighted loss of a model over a split.
+
+Shared by training (train and validation batches) and evaluation (test loss in `generate`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from tunelab.tokenize import IGNORE
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of {input_ids, labels} into tensors; padded labels are ignored by the loss."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example["input_ids"])
+        input_ids[row, :length] = torch.tensor(example["input_ids"])
+        labels[row, :length] = torch.tensor(example["labels"])
+        attention_mask[row, :length] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def training_batches(examples: list[dict], batch_size: int, pad_id: int, *, seed: int,
+                     group_by_length: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches, epoch after epoch, the same for the same seed.
+
+    With `group_by_length`, transformers' LengthGroupedSampler puts examples of similar length together,
+    which cuts the padded share of each batch.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if group_by_length:
+        sampler = LengthGroupedSampler(batch_size, lengths=[len(e["input_ids"]) for e in examples],
+                                       generator=generator)
+    else:
+        sampler = RandomSampler(examples, generator=generator)
+    loader = DataLoader(examples, batch_size=batch_size, sampler=sampler,
+                        collate_fn=lambda batch: collate(batch, pad_id))
+    return itertools.chain.from_iterable(loader for _ in itertools.count())
+
+
+def label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the loss is taken over: labelled positions after the causal shift."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+@torch.no_grad()
+def mean_loss(model, examples: list[dict], batch_size: int, pad_id: int, autocast) -> float:
+    """Cross-entropy per label token over all `examples` (not a mean of batch means).
+
+    The loss is taken from the logits, so AdaLoRA's orthogonality penalty (which PEFT adds to any
+    returned loss) stays out of the figure.
+    """
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+        tokens = label_tokens(batch)
+        with autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = ForCausalLMLoss(logits.float(), batch["labels"], logits.shape[-1], num_items_in_batch=tokens)
+        total += float(loss) * tokens
+        count += tokens
+    model.train(was_training)
+    return total / max(count, 1)

@@ -1,0 +1,127 @@
+"""`tunelab <stage>`: one thin subcommand per stage. Each loads and validates the study config, sets up
+logging and calls the stage's entry. A user error exits 2 with its message; a bug keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tunelab.config import Study, load_study
+from tunelab.errors import TunelabError
+
+log = logging.getLogger("tunelab")
+
+
+def _validate(study: Study, args) -> None:
+    models = sorted({r.model for r in study.runs})
+    print(f"{study.path}: study {study.name!r}: {len(study.runs)} runs, {len(models)} models "
+          f"({', '.join(models)}), data {study.data.source}")
+
+
+def _data(study: Study, args) -> None:
+    from tunelab.data import run_data
+
+    run_data(study.data, args.out)
+
+
+def _base(study: Study, args) -> None:
+    from tunelab.base import run_base
+
+    if args.model not in study.models:
+        raise TunelabError(f"{study.path}: no model named {args.model!r} (models: {', '.join(study.models)})")
+    run_base(study.models[args.model], args.data, args.out)
+
+
+def _tokenize(study: Study, args) -> None:
+    from tunelab.modeling import base_path, load_tokenizer
+    from tunelab.tokenize import run_tokenize
+
+    run_tokenize(study.data, load_tokenizer(base_path(args.base)), args.data, args.out)
+
+
+def _train(study: Study, args) -> None:
+    from tunelab.train import run_train
+
+    run_train(study.run(args.run), args.base, args.tokens, args.out)
+
+
+def _merge(study: Study, args) -> None:
+    from tunelab.merge import run_merge
+
+    study.run(args.run)
+    run_merge(args.out, args.tokens)
+
+
+def _generate(study: Study, args) -> None:
+    from tunelab.generate import run_generate
+
+    reference = args.run in study.reference_runs
+    model_dir = None if reference else args.out / "model"
+    if not reference:
+        study.run(args.run)
+    run_generate(model_dir, args.base, args.data, args.tokens, study.generation, args.out)
+
+
+def _score(study: Study, args) -> None:
+    from tunelab.score import run_score
+
+    run_score(study.metrics, args.generations, args.out)
+
+
+def _report(study: Study, args) -> None:
+    from tunelab.report import run_report
+
+    run_report(study, args.runs, args.out)
+
+
+STAGES = {
+    "validate": (_validate, "check a study config and summarise it", ()),
+    "data": (_data, "load, check and split the dataset", ("out",)),
+    "base": (_base, "make a study model available locally (build and warm up the tiny one)", ("model", "data", "out")),
+    "tokenize": (_tokenize, "apply the prompt template and tokenize every split", ("base", "data", "out")),
+    "train": (_train, "train one run", ("run", "base", "tokens", "out")),
+    "merge": (_merge, "merge a run's adapter into its base (bf16 safetensors)", ("run", "tokens", "out")),
+    "generate": (_generate, "test loss and generations of a run or a base", ("run", "base", "data", "tokens", "out")),
+    "score": (_score, "score a run's generations (BLEU, ROUGE-L, BERTScore, CodeBLEU)", ("generations", "out")),
+    "report": (_report, "aggregate every run into summary.csv, report.md/html and plots", ("runs", "out")),
+}
+OPTIONS = {"model": (str, "model name from the study's models"), "run": (str, "run name from the study's runs"),
+           "data": (Path, "the data stage's directory"), "base": (Path, "the base stage's directory of the model"),
+           "tokens": (Path, "the tokenize stage's directory of the model"), "out": (Path, "output directory"),
+           "generations": (Path, "a generations.jsonl"), "runs": (Path, "the directory of every run")}
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="tunelab", description=__doc__.splitlines()[0])
+    root.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = root.add_subparsers(dest="stage", required=True)
+    for stage, (_, help_text, options) in STAGES.items():
+        command = commands.add_parser(stage, help=help_text, description=help_text)
+        if stage == "validate":
+            command.add_argument("config", type=Path, help="study YAML")
+        else:
+            command.add_argument("--config", type=Path, default=Path("config.yaml"), help="study YAML")
+        for option in options:
+            kind, option_help = OPTIONS[option]
+            command.add_argument(f"--{option}", type=kind, required=True, help=option_help)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        study = load_study(args.config)
+        STAGES[args.stage][0](study, args)
+    except TunelabError as err:
+        print(f"tunelab {args.stage}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Stage `tokenize`: the Alpaca prompt template, with the loss on the response only.
+
+Reads `results/data/{split}.jsonl` and a base model's tokenizer; writes `results/tokens/<model>/{split}.jsonl`
+(input_ids and labels, prompt labels -100, EOS appended) and `stats.json` (truncated and dropped counts).
+One output per tokenizer, shared by every run of that model.
+Run: `tunelab tokenize --config config.yaml --model tiny --data results/data --base results/base/tiny --out ...`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tunelab.artifacts import read_jsonl, write_json, write_jsonl
+from tunelab.config import DataConfig
+from tunelab.data import SPLITS
+from tunelab.errors import TunelabError
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def prompt(record: dict) -> str:
+    """The Alpaca prompt of a record, identical for training and generation."""
+    template = PROMPT_WITH_INPUT if record.get("input") else PROMPT_NO_INPUT
+    return template.format(instruction=record["instruction"], input=record.get("input", ""))
+
+
+def encode(record: dict, tokenizer, max_length: int, overlength: str) -> tuple[dict | None, str]:
+    """Token ids and labels of one record, and what happened to it: kept, truncated or dropped."""
+    prompt_ids = tokenizer(prompt(record), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    length = len(prompt_ids) + len(response_ids)
+    if length <= max_length:
+        status = "kept"
+    elif overlength == "drop" or len(prompt_ids) >= max_length:
+        return None, "dropped"
+    else:
+        response_ids, status = response_ids[:max_length - len(prompt_ids)], "truncated"
+    return {"input_ids": prompt_ids + response_ids,
+            "labels": [IGNORE] * len(prompt_ids) + response_ids}, status
+
+
+def run_tokenize(data: DataConfig, tokenizer, data_dir: Path, out: Path) -> dict:
+    """Tokenize every split of `data_dir` into `out`; return the per-split counts."""
+    stats, tokenized = {}, {}
+    for split in SPLITS:
+        examples, counts = [], {"kept": 0, "truncated": 0, "dropped": 0}
+        for record in read_jsonl(data_dir / f"{split}.jsonl"):
+            example, status = encode(record, tokenizer, data.max_length, data.overlength)
+            counts[status] += 1
+            if example is not None:
+                examples.append(example)
+        if not examples:
+            raise TunelabError(f"{data_dir / f'{split}.jsonl'}: every record is longer than data.max_length "
+                               f"{data.max_length} tokens (raise it, or set data.overlength: truncate)")
+        lengths = [len(e["input_ids"]) for e in examples]
+        stats[split] = {**counts, "examples": len(examples), "tokens": sum(lengths), "max_length": max(lengths)}
+        if counts["truncated"] or counts["dropped"]:
+            log.warning("%s: %d truncated, %d dropped (longer than %d tokens)",
+                        split, counts["truncated"], counts["dropped"], data.max_length)
+        tokenized[split] = examples
+    for split, examples in tokenized.items():  # written only once every split is good
+        write_jsonl(out / f"{split}.jsonl", examples)
+    write_json(out / "stats.json", stats)
+    log.info("tokenized %s into %s", ", ".join(f"{s} {v['examples']:,}" for s, v in stats.items()), out)
+    return stats

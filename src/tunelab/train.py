@@ -1,0 +1,209 @@
+"""Stage `train`: fine-tune one run (LoRA, AdaLoRA or full) and measure what it cost.
+
+Reads the base model (`results/base/<model>`) and its tokenized splits (`results/tokens/<model>`);
+writes `results/runs/<run>/model/` (adapter or full weights, plus tokenizer), `train_metrics.json`
+(loss curves, tokens/s, peak memory, wall time, parameter counts, resolved config) and `profile/`
+(a torch.profiler Chrome trace and key_averages table).
+Run: `tunelab train --config config.yaml --run <run> --base ... --tokens ... --out results/runs/<run>`.
+
+The loop reads setup -> steps -> save. One optimizer step takes `gradient_accumulation_steps`
+micro-batches; the loss is summed over label tokens and divided by the tokens of the whole step, so
+accumulating 4 x 2 gives the update of 1 x 8.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import get_scheduler, set_seed
+
+from tunelab import modeling
+from tunelab.artifacts import atomic_dir, read_jsonl, write_json, write_text
+from tunelab.batches import label_tokens, mean_loss, training_batches
+from tunelab.config import Run, TrainConfig
+from tunelab.errors import TunelabError
+
+log = logging.getLogger(__name__)
+
+
+def run_train(run: Run, base_dir: Path, tokens_dir: Path, out: Path) -> dict:
+    """Train `run` from its base and tokens; write the model, metrics and profile into `out`."""
+    set_seed(run.train.seed)
+    path = modeling.base_path(base_dir)
+    tokenizer = modeling.load_tokenizer(path)
+    model = attach_method(modeling.load_model(path, run.train, for_training=True), run.train)
+    train_examples = read_jsonl(tokens_dir / "train.jsonl")
+    validation_examples = read_jsonl(tokens_dir / "validation.jsonl")
+    metrics = fit(model, train_examples, validation_examples, run.train, tokenizer.pad_token_id,
+                  profile_dir=out / "profile", label=run.name)
+    with atomic_dir(out / "model") as model_dir:
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    metrics.update(run=run.name, model=run.model, base=path, config=run.train.model_dump(), **_adalora_budget(model))
+    write_json(out / "train_metrics.json", metrics)
+    return metrics
+
+
+def attach_method(model, train: TrainConfig):
+    """Wrap `model` for the run's method: a PEFT LoRA/AdaLoRA adapter, or all weights trainable."""
+    if train.method == "full":
+        return model
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if train.quantization != "none":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = train.lora
+    common = dict(lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+                  task_type="CAUSAL_LM")
+    if train.method == "lora":
+        config = LoraConfig(r=lora.r, use_rslora=lora.use_rslora, use_dora=lora.use_dora, **common)
+    else:
+        ada = train.adalora
+        config = AdaLoraConfig(init_r=ada.init_r, target_r=ada.target_r, tinit=ada.tinit, tfinal=ada.tfinal,
+                               deltaT=ada.delta_t, total_step=train.max_steps, **common)
+    return get_peft_model(model, config)
+
+
+def fit(model, train_examples: list[dict], validation_examples: list[dict], train: TrainConfig, pad_id: int,
+        *, profile_dir: Path | None = None, label: str = "train") -> dict:
+    """Run `train.max_steps` optimizer steps on `model` in place; return the run's measurements."""
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(params, train)
+    scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.warmup_steps,
+                              num_training_steps=train.max_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
+    autocast = modeling.autocast(train, device)
+    batches = training_batches(train_examples, train.micro_batch_size, pad_id, seed=train.seed,
+                               group_by_length=train.group_by_length)
+    profiler = _Profiler(profile_dir, train.profile, device) if profile_dir and train.profile.steps else None
+    curves = {"loss": [], "validation_loss": [], "learning_rate": []}
+    counted = {"tokens": 0, "padded": 0, "seconds": 0.0}
+    _reset_peak_memory(device)
+    started = time.perf_counter()
+    model.train()
+    progress = tqdm(range(1, train.max_steps + 1), desc=label, disable=None)
+    for step in progress:
+        step_started = time.perf_counter()
+        if profiler:
+            profiler.before(step)
+        micro_batches = [{k: v.to(device) for k, v in next(batches).items()}
+                         for _ in range(train.gradient_accumulation_steps)]
+        step_tokens = sum(label_tokens(b) for b in micro_batches)
+        loss = 0.0
+        for batch in micro_batches:
+            with autocast():
+                micro_loss = model(**batch, num_items_in_batch=step_tokens).loss
+            scaler.scale(micro_loss).backward()
+            loss += float(micro_loss)
+        _check_step(step, loss, params, label)
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        if train.method == "adalora":  # after step, before zero_grad: it reads the gradients (PEFT AdaLoRA)
+            model.base_model.update_and_allocate(step)
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if profiler:
+            profiler.after(step)
+        if step > 1:  # the first step holds one-off allocation and kernel selection
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            counted["seconds"] += time.perf_counter() - step_started
+            counted["tokens"] += sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        counted["padded"] += sum(int((b["attention_mask"] == 0).sum()) for b in micro_batches)
+        curves["loss"].append([step, loss])
+        curves["learning_rate"].append([step, scheduler.get_last_lr()[0]])
+        if step % train.eval_every == 0 or step == train.max_steps:
+            validation = mean_loss(model, validation_examples, train.micro_batch_size, pad_id, autocast)
+            curves["validation_loss"].append([step, validation])
+        if step % train.log_every == 0 or step == train.max_steps:
+            progress.set_postfix(loss=f"{loss:.3f}")
+            log.info("%s step %d/%d loss %.4f lr %.2e tok/s %.0f peak %.2f GiB", label, step, train.max_steps, loss,
+                     scheduler.get_last_lr()[0], counted["tokens"] / max(counted["seconds"], 1e-9),
+                     _peak_memory(device)["peak_memory_gib"])
+    all_tokens = counted["tokens"] + counted["padded"]
+    return {
+        "steps": train.max_steps, "loss_curve": curves["loss"], "validation_loss_curve": curves["validation_loss"],
+        "learning_rate_curve": curves["learning_rate"], "final_loss": curves["loss"][-1][1],
+        "final_validation_loss": curves["validation_loss"][-1][1],
+        "tokens_per_second": counted["tokens"] / max(counted["seconds"], 1e-9),
+        "padding_fraction": counted["padded"] / max(all_tokens, 1),
+        "wall_seconds": time.perf_counter() - started, "device": str(device),
+        "trainable_parameters": sum(p.numel() for p in params),
+        "total_parameters": sum(p.numel() for p in model.parameters()), **_peak_memory(device)}
+
+
+def _check_step(step: int, loss: float, params: list[torch.Tensor], label: str) -> None:
+    """Stop a run early whose loss is not finite, or whose first step has no gradient at all."""
+    if not math.isfinite(loss):
+        raise TunelabError(f"run {label}: loss is {loss} at step {step} (lower learning_rate, or use bf16/fp32)")
+    if step == 1 and all(p.grad is None or not p.grad.any() for p in params):
+        raise TunelabError(f"run {label}: every trainable gradient is zero at step 1 "
+                           "(no label tokens, or the trainable weights are detached from the loss)")
+
+
+def _optimizer(params: list[torch.Tensor], train: TrainConfig) -> torch.optim.Optimizer:
+    if train.optimizer == "adamw_torch":
+        return torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    import bitsandbytes as bnb
+
+    optimizer = bnb.optim.AdamW8bit if train.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+    return optimizer(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory (allocated, reserved) on CUDA; the process's peak RSS on the CPU."""
+    gib = 1024 ** 3
+    if device.type == "cuda":
+        allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+        return {"peak_memory_gib": allocated / gib, "peak_reserved_gib": reserved / gib, "memory_kind": "cuda"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {"peak_memory_gib": rss / gib, "peak_reserved_gib": rss / gib, "memory_kind": "cpu_rss"}
+
+
+def _adalora_budget(model) -> dict:
+    """AdaLoRA's rank budget before and after allocation, so the report shows that ranks moved."""
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None or config.peft_type.value != "ADALORA":
+        return {}
+    modules = sum(1 for m in model.modules() if hasattr(m, "lora_E"))
+    final = sum(int(sum(mask)) for mask in config.rank_pattern.values()) if config.rank_pattern else None
+    return {"adalora_rank_budget": {"initial": config.init_r * modules, "final": final, "modules": modules}}
+
+
+class _Profiler:
+    """torch.profiler over a window of optimizer steps: a Chrome trace and the key_averages table."""
+
+    def __init__(self, out: Path, window, device: torch.device):
+        self.out, self.first, self.last = out, window.start_step, window.start_step + window.steps - 1
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profile = torch.profiler.profile(activities=activities, record_shapes=True, profile_memory=True)
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            self.profile.start()
+
+    def after(self, step: int) -> None:
+        if step == self.last:
+            self.profile.stop()
+            with atomic_dir(self.out) as tmp:
+                self.profile.export_chrome_trace(str(tmp / "trace.json.gz"))
+                table = self.profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+                write_text(tmp / "key_averages.txt", table + "\n")

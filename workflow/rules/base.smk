@@ -1,0 +1,12 @@
+rule base:
+    input:
+        train=rules.data.output.train,
+    output:
+        directory("results/base/{model}"),
+    params:
+        settings=lambda wildcards: STUDY.models[wildcards.model].model_dump_json(),
+    log:
+        "results/logs/base/{model}.log",
+    threads: 2
+    shell:
+        "tunelab base --config {STUDY_FILE} --model {wildcards.model} --data $(dirname {input.train}) --out {output} > {log} 2>&1"

@@ -1,0 +1,13 @@
+rule score:
+    input:
+        generations=rules.generate.output.generations,
+    output:
+        scores="results/runs/{run}/scores.json",
+        samples="results/runs/{run}/sample_scores.jsonl",
+    params:
+        settings=STUDY.metrics.model_dump_json(),
+    log:
+        "results/runs/{run}/logs/score.log",
+    shell:
+        "tunelab score --config {STUDY_FILE} --generations {input.generations} "
+        "--out results/runs/{wildcards.run} > {log} 2>&1"

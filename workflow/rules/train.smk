@@ -1,0 +1,15 @@
+rule train:
+    input:
+        base=of_model(rules.base.output[0]),
+        tokens=of_model(rules.tokenize.output.train),
+    output:
+        model=directory("results/runs/{run}/model"),
+        metrics="results/runs/{run}/train_metrics.json",
+    params:
+        settings=train_settings,
+    log:
+        "results/runs/{run}/logs/train.log",
+    threads: 2
+    shell:
+        "tunelab train --config {STUDY_FILE} --run {wildcards.run} --base {input.base} "
+        "--tokens $(dirname {input.tokens}) --out results/runs/{wildcards.run} > {log} 2>&1"
