@@ -9,13 +9,14 @@ import logging
 import sys
 from pathlib import Path
 
-from tunelab.config import Study, load_study
+from tunelab.config import Study, check_runtime, load_study
 from tunelab.errors import TunelabError
 
 log = logging.getLogger("tunelab")
 
 
 def _validate(study: Study, args) -> None:
+    check_runtime(study)
     models = sorted({r.model for r in study.runs})
     print(f"{study.path}: study {study.name!r}: {len(study.runs)} runs, {len(models)} models "
           f"({', '.join(models)}), data {study.data.source}")
@@ -45,6 +46,7 @@ def _tokenize(study: Study, args) -> None:
 def _train(study: Study, args) -> None:
     from tunelab.train import run_train
 
+    check_runtime(study)
     run_train(study.run(args.run), args.base, args.tokens, args.out)
 
 

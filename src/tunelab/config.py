@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 from pathlib import Path
 from typing import Annotated, Literal
@@ -132,8 +133,6 @@ class TrainConfig(Frozen):
         if self.profile.steps and self.profile.start_step + self.profile.steps - 1 > self.max_steps:
             raise ValueError(f"profile window (steps {self.profile.start_step}..."
                              f"{self.profile.start_step + self.profile.steps - 1}) ends after max_steps {self.max_steps}")
-        if self.attention == "flash_attention_2":
-            _require_flash_attn()
         return self
 
 
@@ -289,9 +288,21 @@ def _allowed_keys(model_name: str, loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _require_flash_attn() -> None:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        raise ValueError("attention flash_attention_2 needs the flash-attn package, which is not installed "
-                         "(pip install flash-attn --no-build-isolation on a CUDA machine, or use sdpa)") from None
+RUNTIME_NEEDS = (  # (package, which runs need it, what for, how to get it)
+    ("flash_attn", lambda t: t.attention == "flash_attention_2", "attention flash_attention_2",
+     "pip install flash-attn --no-build-isolation on a CUDA machine, or use attention: sdpa"),
+    ("bitsandbytes", lambda t: t.quantization != "none" or t.optimizer != "adamw_torch",
+     "nf4/int8 quantization or an 8-bit optimizer", "pip install bitsandbytes"),
+)
+
+
+def check_runtime(study: Study) -> None:
+    """Check that this machine has the packages the study's runs need; one error naming runs and fix."""
+    problems = []
+    for package, needed_by, feature, fix in RUNTIME_NEEDS:
+        runs = [r.name for r in study.runs if needed_by(r.train)]
+        if runs and importlib.util.find_spec(package) is None:
+            problems.append(f"{study.path}: runs {', '.join(runs)} need {feature}, but {package} is not "
+                            f"installed ({fix})")
+    if problems:
+        raise TunelabError("\n".join(problems))

@@ -102,16 +102,8 @@ def weights_dtype(train: TrainConfig) -> torch.dtype:
 
 
 def quantization_config(train: TrainConfig) -> BitsAndBytesConfig:
-    _require_bitsandbytes(train.quantization)
     if train.quantization == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=DTYPES[train.precision],
                                   bnb_4bit_quant_storage=DTYPES[train.precision])
     return BitsAndBytesConfig(load_in_8bit=True)
-
-
-def _require_bitsandbytes(quantization: str) -> None:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise TunelabError(f"quantization {quantization} needs bitsandbytes (pip install bitsandbytes)") from None

@@ -3,12 +3,13 @@ import re
 
 from snakemake.exceptions import WorkflowError
 
-from tunelab.config import load_study
+from tunelab.config import check_runtime, load_study
 from tunelab.errors import TunelabError
 
 STUDY_FILE = config.get("study", "config.yaml")
 try:
     STUDY = load_study(STUDY_FILE)
+    check_runtime(STUDY)
 except TunelabError as err:
     raise WorkflowError(f"invalid study config:\n{err}") from None
 

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv: the CPU build of torch (pinned: an unpinned torch pulls a multi-GB CUDA build), then
+# tunelab with the exact CPU versions of envs/constraints-cpu.txt. Reinstalls when either file changes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stamp=.venv/.tunelab-installed
+if [ -x .venv/bin/tunelab ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt envs/constraints-cpu.txt ]; then
+  exit 0
+fi
+python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c envs/constraints-cpu.txt -e '.[dev]'
+.venv/bin/python -m pip check
+touch "$stamp"
