@@ -8,5 +8,7 @@ rule base:
     log:
         "results/logs/base/{model}.log",
     threads: 2
+    container:
+        CPU_IMAGE
     shell:
         "tunelab base --config {STUDY_FILE} --model {wildcards.model} --data $(dirname {input.train}) --out {output} > {log} 2>&1"

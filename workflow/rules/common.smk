@@ -46,3 +46,35 @@ def trained_model(wildcards):
 def train_settings(wildcards):
     """The run's resolved settings: a change reruns this run (and the report) only."""
     return STUDY.run(wildcards.run).train.model_dump_json()
+
+
+# What each job asks of a cluster (profiles/slurm) and of the local scheduler, by the size of its run's model.
+# gpu: GPUs (0: CPU only, so the tiny study runs on a CPU-only SLURM); mem_mb: host memory; train/merge/generate:
+# time limits in minutes. A 7B LoRA run in bf16 takes about 3x the 1.5B one; leave headroom, a job past its
+# limit is killed.
+SIZES = {
+    "tiny": {"gpu": 0, "mem_mb": 1500, "train": 30, "merge": 10, "generate": 10},
+    "1.5B": {"gpu": 1, "mem_mb": 32000, "train": 240, "merge": 30, "generate": 60},
+    "7B": {"gpu": 1, "mem_mb": 64000, "train": 720, "merge": 60, "generate": 120},
+}
+# Train jobs are preemptible: SLURM sends USR1 5 minutes before the time limit and may requeue the job,
+# which resumes from its last checkpoint. (sbatch options outside the plugin's own; see profiles/slurm.)
+PREEMPTIBLE = "--signal=B:USR1@300 --requeue"
+
+# Apptainer images (containers/*.def, built with `apptainer build`); used under --sdm apptainer only.
+TRAIN_IMAGE = "containers/train.sif"
+CPU_IMAGE = "containers/cpu.sif"
+
+
+def model_size(model):
+    """The SIZES row of a study model: 'tiny', else the parameter count in its source (hf:…-1.5B…, up to 2B)."""
+    source = STUDY.models[model].source
+    if source == "tiny":
+        return "tiny"
+    billions = re.search(r"(\d+(?:\.\d+)?)B\b", source)
+    return "1.5B" if billions and float(billions.group(1)) <= 2 else "7B"  # an unknown size gets the large row
+
+
+def sized(key):
+    """A resource function: the SIZES entry `key` for the model of the job's run (or reference row)."""
+    return lambda wildcards: SIZES[model_size(model_of(wildcards.run))][key]

@@ -8,5 +8,7 @@ rule data:
         settings=STUDY.data.model_dump_json(),
     log:
         "results/logs/data.log",
+    container:
+        CPU_IMAGE
     shell:
         "tunelab data --config {STUDY_FILE} --out $(dirname {output.train}) > {log} 2>&1"

@@ -11,6 +11,12 @@ rule generate:
         settings=STUDY.generation.model_dump_json(),
     log:
         "results/runs/{run}/logs/generate.log",
+    resources:
+        gpu=sized("gpu"),
+        mem_mb=sized("mem_mb"),
+        runtime=sized("generate"),
+    container:
+        TRAIN_IMAGE
     shell:
         "tunelab generate --config {STUDY_FILE} --run {wildcards.run} --base {input.base} --data $(dirname {input.test}) "
         "--tokens $(dirname {input.tokens}) --out results/runs/{wildcards.run} > {log} 2>&1"

@@ -7,6 +7,12 @@ rule merge:
         report="results/runs/{run}/merge.json",
     log:
         "results/runs/{run}/logs/merge.log",
+    resources:
+        gpu=sized("gpu"),
+        mem_mb=sized("mem_mb"),
+        runtime=sized("merge"),
+    container:
+        TRAIN_IMAGE
     shell:
         "tunelab merge --config {STUDY_FILE} --run {wildcards.run} --tokens $(dirname {input.tokens}) "
         "--out results/runs/{wildcards.run} > {log} 2>&1"

@@ -12,5 +12,7 @@ rule report:
         study=STUDY.name,
     log:
         "results/logs/report.log",
+    container:
+        CPU_IMAGE
     shell:
         "tunelab report --config {STUDY_FILE} --runs results/runs --out results/report > {log} 2>&1"

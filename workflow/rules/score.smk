@@ -8,6 +8,8 @@ rule score:
         settings=STUDY.metrics.model_dump_json(),
     log:
         "results/runs/{run}/logs/score.log",
+    container:
+        CPU_IMAGE
     shell:
         "tunelab score --config {STUDY_FILE} --generations {input.generations} "
         "--out results/runs/{wildcards.run} > {log} 2>&1"

@@ -13,6 +13,8 @@ rule tokenize:
         settings=STUDY.data.model_dump_json(),
     log:
         "results/logs/tokenize/{model}.log",
+    container:
+        CPU_IMAGE
     shell:
         "tunelab tokenize --config {STUDY_FILE} --base {input.base} --data $(dirname {input.train}) "
         "--out $(dirname {output.train}) > {log} 2>&1"

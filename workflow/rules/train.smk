@@ -10,6 +10,13 @@ rule train:
     log:
         "results/runs/{run}/logs/train.log",
     threads: 2
+    resources:
+        gpu=sized("gpu"),
+        mem_mb=sized("mem_mb"),
+        runtime=sized("train"),
+        slurm_extra=PREEMPTIBLE,
+    container:
+        TRAIN_IMAGE
     shell:
         "tunelab train --config {STUDY_FILE} --run {wildcards.run} --base {input.base} "
         "--tokens $(dirname {input.tokens}) --out results/runs/{wildcards.run} > {log} 2>&1"
