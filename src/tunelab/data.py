@@ -23,12 +23,14 @@ SPLITS = ("train", "validation", "test")
 
 def run_data(data: DataConfig, out: Path) -> dict[str, int]:
     """Load, validate and split `data.source` into `out`; return the record count per split."""
-    records = _check_records(load_records(data.source), data.source)
+    loaded = _check_records(load_records(data.source), data.source)
+    records = _unique(loaded)
     splits = split_records(records, data)
     for split, rows in splits.items():
         write_jsonl(out / f"{split}.jsonl", rows)
     counts = {split: len(rows) for split, rows in splits.items()}
-    write_json(out / "stats.json", {"source": data.source, "records": len(records), **counts})
+    write_json(out / "stats.json", {"source": data.source, "records": len(loaded),
+                                    "duplicates_removed": len(loaded) - len(records), **counts})
     log.info("wrote %s train / %s validation / %s test records to %s",
              f"{counts['train']:,}", f"{counts['validation']:,}", f"{counts['test']:,}", out)
     return counts
@@ -105,6 +107,19 @@ def _record_problem(record: object) -> str | None:
     if not isinstance(record.get("input") or "", str):
         return f"'input' must be a string, got {type(record['input']).__name__}"
     return None
+
+
+def _unique(records: list[dict]) -> list[dict]:
+    """Drop exact duplicates (first kept), so no record sits in both the train and the test split."""
+    seen, unique = set(), []
+    for record in records:
+        key = (record["instruction"], record["input"], record["output"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(record)
+    if len(unique) < len(records):
+        log.warning("dropped %d exact duplicate records", len(records) - len(unique))
+    return unique
 
 
 def split_records(records: list[dict], data: DataConfig) -> dict[str, list[dict]]:

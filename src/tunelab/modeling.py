@@ -81,10 +81,23 @@ def load_model(path: str | Path, train: TrainConfig, *, for_training: bool):
     model = AutoModelForCausalLM.from_pretrained(str(path).removeprefix("hf:"), **kwargs)
     if train.quantization == "none":
         model.to(device())
+    elif for_training and train.quantization == "nf4" and device().type == "cpu":
+        _keep_cpu_4bit_weights_trainable(model)
     if for_training and train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def _keep_cpu_4bit_weights_trainable(model) -> None:
+    """bitsandbytes repacks 4-bit weights for AVX512-BF16 inference the first time a CPU Linear4bit runs in
+    eval mode (our validation pass), and its training path then fails on the packed weights
+    ("a view of a leaf Variable ... in-place operation"). Training on the CPU keeps the plain layout."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def autocast(train: TrainConfig, device: torch.device):

@@ -1,0 +1,119 @@
+"""Training on the tiny model, one row per CPU-runnable (method, quantization, precision), as in PEFT's tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunelab import modeling
+from tunelab.artifacts import read_json, read_jsonl
+from tunelab.config import Run, TrainConfig
+from tunelab.errors import TunelabError
+from tunelab.train import attach_method, fit, run_train
+
+TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+CASES = [  # (method, quantization, precision, steps)
+    ("lora", "none", "fp32", 40),
+    ("adalora", "none", "fp32", 40),
+    ("full", "none", "fp32", 40),
+    ("lora", "none", "bf16", 12),      # bf16 is about 5x slower on an AVX2 CPU: fewer steps
+    ("lora", "nf4", "fp32", 40),       # bitsandbytes 4-bit on the CPU (QLoRA)
+    ("lora", "int8", "fp32", 20),      # LLM.int8 on the CPU
+]
+
+
+def settings(**overrides) -> TrainConfig:
+    base = dict(max_steps=40, micro_batch_size=8, learning_rate=3e-3, warmup_steps=0, eval_every=20,
+                lr_scheduler="constant_with_warmup", profile={"steps": 0},
+                adalora={"init_r": 8, "target_r": 2, "tinit": 5, "tfinal": 10, "delta_t": 5})
+    return TrainConfig(**{**base, **overrides})
+
+
+def model_for(tiny_base, train: TrainConfig):
+    torch.manual_seed(0)
+    return attach_method(modeling.load_model(tiny_base, train, for_training=True), train)
+
+
+@pytest.mark.parametrize("method, quantization, precision, steps", CASES,
+                         ids=["-".join(map(str, c[:3])) for c in CASES])
+def test_method_trains(tiny_base, tiny_tokens, method, quantization, precision, steps):
+    train = settings(method=method, quantization=quantization, precision=precision, max_steps=steps,
+                     eval_every=steps // 2)
+    model = model_for(tiny_base, train)
+    examples = read_jsonl(tiny_tokens / "tokens" / "train.jsonl")
+    validation = read_jsonl(tiny_tokens / "tokens" / "validation.jsonl")
+    metrics = fit(model, examples, validation, train, modeling.load_tokenizer(tiny_base).pad_token_id)
+    losses = [loss for _, loss in metrics["loss_curve"]]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, "the loss must fall"
+    assert metrics["validation_loss_curve"][-1][1] < metrics["validation_loss_curve"][0][1] + 0.5
+    assert metrics["tokens_per_second"] > 0 and 0 <= metrics["padding_fraction"] < 1
+    if method == "full":
+        assert metrics["trainable_parameters"] == metrics["total_parameters"]
+        return
+    adapted = {name.split(".")[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == TARGETS, "an adapter sits on every target projection"
+    assert 0 < metrics["trainable_parameters"] < metrics["total_parameters"] / 2
+    if quantization == "nf4":
+        import bitsandbytes as bnb
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def test_adalora_reallocates_its_rank_budget(tiny_base, tiny_tokens):
+    """PEFT only prunes when update_and_allocate runs every step; a silent plain-LoRA run keeps every rank."""
+    train = settings(method="adalora", max_steps=30)
+    model = model_for(tiny_base, train)
+    fit(model, read_jsonl(tiny_tokens / "tokens" / "train.jsonl"), read_jsonl(tiny_tokens / "tokens" / "validation.jsonl"),
+        train, modeling.load_tokenizer(tiny_base).pad_token_id)
+    pattern = model.peft_config["default"].rank_pattern
+    assert pattern, "the final budget was allocated"
+    ranks = [int(sum(mask)) for mask in pattern.values()]
+    assert sum(ranks) < 8 * len(ranks), "ranks were pruned from init_r"
+    assert len(set(ranks)) > 1, "the budget moved between modules"
+
+
+def test_accumulating_4x2_equals_1x8(tiny_base, tiny_tokens):
+    examples = read_jsonl(tiny_tokens / "tokens" / "train.jsonl")
+    pad = modeling.load_tokenizer(tiny_base).pad_token_id
+    weights = []
+    for micro, accumulation in ((8, 1), (2, 4)):
+        train = settings(method="lora", max_steps=3, micro_batch_size=micro, gradient_accumulation_steps=accumulation,
+                         group_by_length=False, lora={"dropout": 0.0}, eval_every=3)
+        model = model_for(tiny_base, train)
+        fit(model, examples, examples[:8], train, pad)
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], atol=1e-5, rtol=1e-4)
+
+
+def test_nan_loss_stops_the_run(tiny_base, tiny_tokens):
+    train = settings(method="full", learning_rate=1e30, max_steps=5)
+    examples = read_jsonl(tiny_tokens / "tokens" / "train.jsonl")
+    with pytest.raises(TunelabError, match=r"run nan-run: loss is (nan|inf) at step \d"):
+        fit(model_for(tiny_base, train), examples, examples[:8], train, 0, label="nan-run")
+
+
+def test_all_zero_gradients_stop_the_run(tiny_base, tiny_tokens):
+    train = settings(method="lora", max_steps=5)
+    model = model_for(tiny_base, train)
+    for module in model.modules():  # cut every adapter off from the loss: its gradients are all zero
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 1.0
+    examples = read_jsonl(tiny_tokens / "tokens" / "train.jsonl")
+    with pytest.raises(TunelabError, match="every trainable gradient is zero at step 1"):
+        fit(model, examples, examples[:8], train, 0, label="detached")
+
+
+def test_run_train_writes_model_metrics_and_profile(tiny_base, tiny_tokens, tmp_path):
+    run = Run(name="tiny-lora", model="tiny", train=settings(max_steps=6, eval_every=3,
+                                                              profile={"start_step": 2, "steps": 2}))
+    metrics = run_train(run, tiny_base, tiny_tokens / "tokens", tmp_path)
+    saved = read_json(tmp_path / "train_metrics.json")
+    assert saved["run"] == "tiny-lora" and saved["config"]["max_steps"] == 6
+    assert [s for s, _ in saved["loss_curve"]] == list(range(1, 7))
+    assert [s for s, _ in saved["validation_loss_curve"]] == [3, 6]
+    assert saved["peak_memory_gib"] > 0 and saved["wall_seconds"] > 0 and metrics["tokens_per_second"] > 0
+    assert (tmp_path / "model" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "profile" / "trace.json.gz").stat().st_size > 1000
+    assert "aten::" in (tmp_path / "profile" / "key_averages.txt").read_text()
