@@ -78,14 +78,24 @@ def score(predictions: list[str], references: list[str], metrics: MetricsConfig)
 
 
 def bertscore(predictions: list[str], references: list[str], metrics: MetricsConfig) -> tuple[list, list, list]:
-    """bert-score's precision, recall and F1 per prediction."""
+    """bert-score's precision, recall and F1 per prediction; an empty prediction scores 0.
+
+    bert-score means to score an empty candidate 0, but under transformers 5 its empty-sentence path
+    calls the removed `build_inputs_with_special_tokens` and crashes, so empty ones never reach it.
+    """
     import bert_score
 
     scorer = bert_score.BERTScorer(model_type=bertscore_model_path(metrics.bertscore_model),
                                    num_layers=metrics.bertscore_layers, lang="en",
                                    rescale_with_baseline=metrics.bertscore_rescale)
-    precision, recall, f1 = scorer.score(predictions, references)
-    return precision.tolist(), recall.tolist(), f1.tolist()
+    scored = [i for i, p in enumerate(predictions) if p.strip()]
+    results = [[0.0] * len(predictions) for _ in range(3)]
+    if scored:
+        for result, values in zip(results, scorer.score([predictions[i] for i in scored],
+                                                         [references[i] for i in scored])):
+            for index, value in zip(scored, values.tolist()):
+                result[index] = value
+    return tuple(results)
 
 
 def bertscore_model_path(model: str) -> str:
