@@ -118,6 +118,9 @@ class TrainConfig(Frozen):
     group_by_length: bool = True
     eval_every: int = Field(25, gt=0, description="validation loss every N optimizer steps")
     log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(
+        100, ge=0, description="resumable checkpoint every N optimizer steps (0: only on SIGTERM/SIGUSR1)")
+    checkpoint_keep: int = Field(2, gt=0, description="newest checkpoints kept under results/runs/<run>/checkpoints")
     seed: int = 0
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
 

@@ -26,6 +26,7 @@ from transformers import get_scheduler, set_seed
 from tunelab import modeling
 from tunelab.artifacts import atomic_dir, read_jsonl, write_json, write_text
 from tunelab.batches import label_tokens, mean_loss, training_batches
+from tunelab.checkpoint import Checkpoints, fingerprint
 from tunelab.config import Run, TrainConfig
 from tunelab.errors import TunelabError
 
@@ -40,13 +41,17 @@ def run_train(run: Run, base_dir: Path, tokens_dir: Path, out: Path) -> dict:
     model = attach_method(modeling.load_model(path, run.train, for_training=True), run.train)
     train_examples = read_jsonl(tokens_dir / "train.jsonl")
     validation_examples = read_jsonl(tokens_dir / "validation.jsonl")
+    checkpoints = Checkpoints(out / "checkpoints", run.train, fingerprint(run.train, path, tokens_dir / "train.jsonl"))
     metrics = fit(model, train_examples, validation_examples, run.train, tokenizer.pad_token_id,
-                  profile_dir=out / "profile", label=run.name)
+                  profile_dir=out / "profile", label=run.name, checkpoints=checkpoints)
     with atomic_dir(out / "model") as model_dir:
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
     metrics.update(run=run.name, model=run.model, base=path, config=run.train.model_dump(), **_adalora_budget(model))
+    metrics.update(wall_seconds=metrics["wall_seconds"] + checkpoints.resumed_wall_seconds,
+                   resumed_from_step=checkpoints.resumed_step)
     write_json(out / "train_metrics.json", metrics)
+    checkpoints.finish()
     return metrics
 
 
@@ -73,7 +78,7 @@ def attach_method(model, train: TrainConfig):
 
 
 def fit(model, train_examples: list[dict], validation_examples: list[dict], train: TrainConfig, pad_id: int,
-        *, profile_dir: Path | None = None, label: str = "train") -> dict:
+        *, profile_dir: Path | None = None, label: str = "train", checkpoints: Checkpoints | None = None) -> dict:
     """Run `train.max_steps` optimizer steps on `model` in place; return the run's measurements."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -89,8 +94,9 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
     counted = {"tokens": 0, "padded": 0, "seconds": 0.0}
     _reset_peak_memory(device)
     started = time.perf_counter()
+    first = checkpoints.resume(model, optimizer, scheduler, scaler, batches, curves, counted) if checkpoints else 1
     model.train()
-    progress = tqdm(range(1, train.max_steps + 1), desc=label, disable=None)
+    progress = tqdm(range(first, train.max_steps + 1), desc=label, disable=None)
     for step in progress:
         step_started = time.perf_counter()
         if profiler:
@@ -131,6 +137,8 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
             log.info("%s step %d/%d loss %.4f lr %.2e tok/s %.0f peak %.2f GiB", label, step, train.max_steps, loss,
                      scheduler.get_last_lr()[0], counted["tokens"] / max(counted["seconds"], 1e-9),
                      _peak_memory(device)["peak_memory_gib"])
+        if checkpoints:
+            checkpoints.after_step(step)
     all_tokens = counted["tokens"] + counted["padded"]
     return {
         "steps": train.max_steps, "loss_curve": curves["loss"], "validation_loss_curve": curves["validation_loss"],
@@ -201,7 +209,7 @@ class _Profiler:
             self.profile.start()
 
     def after(self, step: int) -> None:
-        if step == self.last:
+        if step == self.last and self.profile.profiler is not None:  # not started: resumed inside the window
             self.profile.stop()
             with atomic_dir(self.out) as tmp:
                 self.profile.export_chrome_trace(str(tmp / "trace.json.gz"))

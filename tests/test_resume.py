@@ -1,0 +1,166 @@
+"""Training survives being killed: a real `tunelab train` process gets a real SIGTERM mid-run, exits non-zero
+with a checkpoint, and the rerun ends where an uninterrupted run ends (loss curves and adapter weights).
+Also: a corrupt newest checkpoint is skipped for the one before it, and a rerun through Snakemake resumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tunelab.artifacts import read_json
+from conftest import REPO
+
+STEPS, EVERY, SIGNAL_AFTER = 40, 10, 15
+STUDY = f"""\
+name: resume
+data: {{source: synthetic:300, test_size: 8, max_length: 96}}
+models: {{tiny: {{source: tiny, tiny: {{vocab_size: 512, warmup_steps: 0}}}}}}
+train: {{max_steps: {STEPS}, checkpoint_every: {EVERY}, micro_batch_size: 2, gradient_accumulation_steps: 2,
+         learning_rate: 2.0e-3, warmup_steps: 5, eval_every: 15, log_every: 1, profile: {{start_step: 2, steps: 2}}}}
+runs:
+  - {{name: r, model: tiny, method: lora, lora: {{r: 4, alpha: 8, dropout: 0.1}}}}   # dropout: the RNG must resume
+"""
+
+
+def environment() -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    return env
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_base, tiny_tokens) -> dict:
+    root = tmp_path_factory.mktemp("resume")
+    (root / "study.yaml").write_text(STUDY)
+    return {"root": root, "base": tiny_base, "tokens": tiny_tokens / "tokens"}
+
+
+def train(setup: dict, out: Path) -> subprocess.Popen:
+    """`tunelab train` as the rule runs it, its log in `out`.log."""
+    command = [sys.executable, "-m", "tunelab.cli", "train", "--config", str(setup["root"] / "study.yaml"),
+               "--run", "r", "--base", str(setup["base"]), "--tokens", str(setup["tokens"]), "--out", str(out)]
+    log = open(f"{out}.log", "a")
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment())
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def logged_step(out: Path, step: int):
+    return lambda: f"r step {step}/{STEPS} " in Path(f"{out}.log").read_text()
+
+
+def interrupt(setup: dict, out: Path, when) -> list[str]:
+    """Start a run, SIGTERM it once `when()` holds; return the checkpoints it left."""
+    process = train(setup, out)
+    wait_for(when, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM, Path(f"{out}.log").read_text()[-3000:]
+    assert not (out / "train_metrics.json").exists() and not (out / "model").exists()
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+def finish(setup: dict, out: Path) -> dict:
+    process = train(setup, out)
+    assert process.wait(timeout=300) == 0, Path(f"{out}.log").read_text()[-3000:]
+    assert not (out / "checkpoints").exists(), "a finished run drops its checkpoints"
+    return read_json(out / "train_metrics.json")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup) -> dict:
+    out = setup["root"] / "uninterrupted"
+    return {"metrics": finish(setup, out), "adapter": load_file(out / "model" / "adapter_model.safetensors")}
+
+
+def assert_same_run(out: Path, metrics: dict, uninterrupted: dict) -> None:
+    for curve in ("loss_curve", "validation_loss_curve", "learning_rate_curve"):
+        expected, got = torch.tensor(uninterrupted["metrics"][curve]), torch.tensor(metrics[curve])
+        assert got.shape == expected.shape == (len(expected), 2)
+        torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
+    adapter = load_file(out / "model" / "adapter_model.safetensors")
+    assert adapter.keys() == uninterrupted["adapter"].keys()
+    for name, tensor in adapter.items():
+        torch.testing.assert_close(tensor, uninterrupted["adapter"][name], atol=1e-3, rtol=0)
+
+
+def test_sigterm_checkpoints_and_rerun_resumes_to_the_same_run(setup, uninterrupted):
+    out = setup["root"] / "interrupted"
+    left = interrupt(setup, out, logged_step(out, SIGNAL_AFTER))
+    stopped = int(left[-1].removeprefix("step-"))
+    assert stopped >= SIGNAL_AFTER, f"a checkpoint on the signal, after the step it came in: {left}"
+    assert left[0] == f"step-{(stopped - 1) // EVERY * EVERY:08d}" and len(left) == 2, "the newest two are kept"
+    assert "stopped by SIGTERM" in Path(f"{out}.log").read_text()
+
+    metrics = finish(setup, out)
+    assert f"resumed from {out / 'checkpoints' / left[-1]}" in Path(f"{out}.log").read_text()
+    assert metrics["resumed_from_step"] == stopped
+    assert_same_run(out, metrics, uninterrupted)
+    print(f"SIGTERM after step {stopped}; final loss {metrics['final_loss']:.6f} vs "
+          f"{uninterrupted['metrics']['final_loss']:.6f} uninterrupted")
+
+
+def test_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(setup, uninterrupted):
+    out = setup["root"] / "corrupt"
+    left = interrupt(setup, out, lambda: (out / "checkpoints" / f"step-{EVERY:08d}" / "manifest.json").exists())
+    newest, previous = out / "checkpoints" / left[-1], out / "checkpoints" / left[-2]
+    weights = newest / "weights.pt"
+    with open(weights, "r+b") as handle:  # a half-copied file: the manifest still names its full size
+        handle.truncate(weights.stat().st_size // 2)
+
+    metrics = finish(setup, out)
+    log = Path(f"{out}.log").read_text()
+    assert f"skipping checkpoint {newest}: weights.pt has" in log
+    assert f"resumed from {previous}" in log
+    assert metrics["resumed_from_step"] == int(previous.name.removeprefix("step-"))
+    assert_same_run(out, metrics, uninterrupted)
+
+
+def test_snakemake_rerun_of_a_killed_train_job_resumes(tmp_path):
+    """Snakemake deletes a failed job's outputs, but checkpoints/ is no declared output: the rerun resumes."""
+    (tmp_path / "study.yaml").write_text(STUDY)
+    target = "results/runs/r/train_metrics.json"
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "2",
+               "--config", f"study={tmp_path / 'study.yaml'}", target]
+    log = tmp_path / "results/runs/r/logs/train.log"
+    snakemake = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 env=environment())
+    wait_for(lambda: log.exists() and f"r step {SIGNAL_AFTER}/{STEPS} " in log.read_text(), snakemake, timeout=300)
+    os.kill(_train_process(tmp_path), signal.SIGTERM)
+    first = snakemake.communicate(timeout=120)[0]
+    assert snakemake.returncode != 0 and "Error in rule train" in first, first[-3000:]
+    assert not (tmp_path / target).exists()
+    checkpoints = sorted((tmp_path / "results/runs/r/checkpoints").iterdir())
+    assert checkpoints, "the checkpoints survive Snakemake's cleanup of the failed job"
+
+    second = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resumed from results/runs/r/checkpoints/{checkpoints[-1].name}" in log.read_text()
+    assert read_json(tmp_path / target)["resumed_from_step"] == int(checkpoints[-1].name.removeprefix("step-"))
+
+
+def _train_process(workdir: Path) -> int:
+    """The pid of the `tunelab train` that Snakemake started in `workdir` (found by its command line)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if command and any(b"tunelab" in part for part in command[:2]) and b"train" in command and \
+                    str(workdir / "study.yaml").encode() in command:
+                return int(entry.name)
+    raise AssertionError(f"no tunelab train process of {workdir}")
