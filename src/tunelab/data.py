@@ -53,10 +53,13 @@ def load_records(source: str) -> list[dict]:
 def _read_local(path: Path) -> list[dict]:
     if not path.is_file():
         raise TunelabError(f"data.source {str(path)!r}: file not found")
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise TunelabError(f"{path}: byte {err.start}: not UTF-8 ({err.reason}); re-encode the file") from None
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise TunelabError(f"{path}: line {line} (byte {err.start}): not UTF-8 ({err.reason}); "
+                           "re-encode the file as UTF-8") from None
     if path.suffix == ".jsonl":
         records = []
         for number, line in enumerate(text.splitlines(), start=1):

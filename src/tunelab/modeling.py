@@ -5,6 +5,7 @@ quantization, attention and precision. Shared by the base, train, merge and gene
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -115,8 +116,26 @@ def weights_dtype(train: TrainConfig) -> torch.dtype:
 
 
 def quantization_config(train: TrainConfig) -> BitsAndBytesConfig:
+    _check_bitsandbytes(train.quantization)
     if train.quantization == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=DTYPES[train.precision],
                                   bnb_4bit_quant_storage=DTYPES[train.precision])
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _check_bitsandbytes(quantization: str) -> None:
+    """One clear error when bitsandbytes is missing or can't run on this device, before transformers fails deep
+    inside loading (bitsandbytes >= 0.48 runs nf4/int8 on CUDA, CPU and a few others)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise TunelabError(f"quantization {quantization} needs bitsandbytes, which is not installed "
+                           "(pip install bitsandbytes, or set quantization: none)")
+    import bitsandbytes
+    from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
+
+    here = device().type
+    supported = getattr(bitsandbytes, "supported_torch_devices", {here})
+    if here not in supported or isinstance(lib, ErrorHandlerMockBNBNativeLibrary):
+        raise TunelabError(f"quantization {quantization}: bitsandbytes {bitsandbytes.__version__} can't run on this "
+                           f"machine's device {here} (it supports {', '.join(sorted(supported))}; run on a GPU node, "
+                           "or set quantization: none)")

@@ -59,8 +59,10 @@ def run_tokenize(data: DataConfig, tokenizer, data_dir: Path, out: Path) -> dict
             if example is not None:
                 examples.append(example)
         if not examples:
-            raise TunelabError(f"{data_dir / f'{split}.jsonl'}: every record is longer than data.max_length "
-                               f"{data.max_length} tokens (raise it, or set data.overlength: truncate)")
+            fix = "raise it, or set data.overlength: truncate" if data.overlength == "drop" else (
+                "every prompt alone is longer: raise it")
+            raise TunelabError(f"{data_dir / f'{split}.jsonl'}: all {counts['dropped']} records dropped, longer than "
+                               f"data.max_length {data.max_length} tokens ({fix})")
         lengths = [len(e["input_ids"]) for e in examples]
         stats[split] = {**counts, "examples": len(examples), "tokens": sum(lengths), "max_length": max(lengths)}
         if counts["truncated"] or counts["dropped"]:
