@@ -115,7 +115,7 @@ def test_sigterm_checkpoints_and_rerun_resumes_to_the_same_run(setup, uninterrup
 
 def test_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(setup, uninterrupted):
     out = setup["root"] / "corrupt"
-    left = interrupt(setup, out, lambda: (out / "checkpoints" / f"step-{EVERY:08d}" / "manifest.json").exists())
+    left = interrupt(setup, out, logged_step(out, EVERY + 1))  # after the step-10 checkpoint
     newest, previous = out / "checkpoints" / left[-1], out / "checkpoints" / left[-2]
     weights = newest / "weights.pt"
     with open(weights, "r+b") as handle:  # a half-copied file: the manifest still names its full size
@@ -133,8 +133,8 @@ def test_snakemake_rerun_of_a_killed_train_job_resumes(tmp_path):
     """Snakemake deletes a failed job's outputs, but checkpoints/ is no declared output: the rerun resumes."""
     (tmp_path / "study.yaml").write_text(STUDY)
     target = "results/runs/r/train_metrics.json"
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "2",
-               "--config", f"study={tmp_path / 'study.yaml'}", target]
+    command = [sys.executable, "-m", "snakemake", target, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+               "--cores", "2", "--config", f"study={tmp_path / 'study.yaml'}"]
     log = tmp_path / "results/runs/r/logs/train.log"
     snakemake = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  env=environment())
@@ -153,14 +153,79 @@ def test_snakemake_rerun_of_a_killed_train_job_resumes(tmp_path):
 
 
 def _train_process(workdir: Path) -> int:
-    """The pid of the `tunelab train` that Snakemake started in `workdir` (found by its command line)."""
+    """The pid of the `tunelab train` that Snakemake started in `workdir`."""
+    pids = [pid for pid, command in _processes(workdir).items() if b"train" in command]
+    assert len(pids) == 1, f"expected one tunelab train process of {workdir}, found {pids}"
+    return pids[0]
+
+
+def _processes(workdir: Path) -> dict[int, list[bytes]]:
+    """This test's `tunelab` processes: those whose command line names the study file in `workdir`."""
+    found = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                command = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if command and any(b"tunelab" in part for part in command[:2]) and b"train" in command and \
-                    str(workdir / "study.yaml").encode() in command:
-                return int(entry.name)
-    raise AssertionError(f"no tunelab train process of {workdir}")
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if any(part.endswith(b"tunelab") for part in command[:2]) and str(workdir / "study.yaml").encode() in command:
+            found[int(entry.name)] = command
+    return found
+
+
+def test_a_failed_write_leaves_no_half_file_and_no_mix_of_runs(tmp_path, monkeypatch):
+    """A write that fails half-way (disk full) leaves no half-written file under a final name, no temporary
+    debris, and no stats.json: the old and new splits never look like one finished output."""
+    from pathlib import Path as PathClass
+
+    from tunelab.cli import main
+
+    (tmp_path / "study.yaml").write_text(STUDY)
+    out = tmp_path / "data"
+    assert main(["data", "--config", str(tmp_path / "study.yaml"), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "study.yaml").write_text(STUDY.replace("test_size: 8", "test_size: 9"))
+    write_text, calls = PathClass.write_text, []
+
+    def disk_full_on_the_second_file(self, text, *args, **kwargs):
+        calls.append(self)
+        if len(calls) == 2:  # validation.jsonl: half of it reaches the disk, then ENOSPC
+            write_text(self, text[:len(text) // 2], *args, **kwargs)
+            raise OSError(28, "No space left on device")
+        return write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(PathClass, "write_text", disk_full_on_the_second_file)
+    with pytest.raises(OSError, match="No space left"):
+        main(["data", "--config", str(tmp_path / "study.yaml"), "--out", str(out)])
+
+    assert sorted(p.name for p in out.iterdir()) == ["test.jsonl", "train.jsonl", "validation.jsonl"], \
+        "no temporary file is left, and no stats.json marks the mix as finished"
+    assert (out / "validation.jsonl").read_bytes() == before["validation.jsonl"], "the old file, whole"
+    assert (out / "train.jsonl").read_bytes() != before["train.jsonl"]
+
+
+def test_snakemake_redoes_a_job_killed_mid_write_with_its_node(tmp_path):
+    """SIGKILL Snakemake and the `tunelab base` job while the base is half-written (a lost node): after --unlock,
+    the next run redoes the job (--rerun-incomplete, also set in profiles/default), leaving no temporary debris."""
+    (tmp_path / "study.yaml").write_text(STUDY.replace("warmup_steps: 0", "warmup_steps: 40"))
+    command = [sys.executable, "-m", "snakemake", "results/tokens/tiny/stats.json", "-s", str(REPO / "Snakefile"),
+               "-d", str(tmp_path), "--cores", "2", "--config", f"study={tmp_path / 'study.yaml'}"]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment(),
+                             start_new_session=True)
+    half_written = lambda: list((tmp_path / "results/base").glob(".tiny.*.tmp"))  # noqa: E731
+    wait_for(lambda: (tmp_path / "results/base").is_dir() and half_written(), first, timeout=300)
+    os.killpg(first.pid, signal.SIGKILL)
+    for pid in _processes(tmp_path):
+        os.kill(pid, signal.SIGKILL)
+    first.wait(timeout=60)
+    assert not (tmp_path / "results/base/tiny").exists() and half_written()
+
+    refused = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=300)
+    assert refused.returncode != 0 and "--unlock" in refused.stderr, "the dead run's lock stops a blind rerun"
+    subprocess.run([*command[:4], "--unlock", *command[4:]], check=True, capture_output=True, env=environment())
+    redone = subprocess.run([*command[:4], "--rerun-incomplete", *command[4:]], capture_output=True, text=True, env=environment(),
+                            timeout=600)
+    assert redone.returncode == 0, redone.stderr[-3000:]
+    assert "rule base:" in redone.stderr or "rule base:" in redone.stdout
+    assert read_json(tmp_path / "results/base/tiny/base.json")["source"] == "tiny"
+    assert read_json(tmp_path / "results/tokens/tiny/stats.json")["train"]["examples"] > 0
+    assert not list((tmp_path / "results").rglob(".*.tmp")), "the killed writer's temporary directory is gone"

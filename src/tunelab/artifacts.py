@@ -7,6 +7,7 @@ final path, so Snakemake and DVC never see a half-written file or directory.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -37,12 +38,15 @@ def write_text(path: Path, text: str) -> None:
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; move it onto `path` only if the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
     try:
         yield Path(tmp)
+        _sync(Path(tmp))
         os.replace(tmp, path)
+        _sync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -52,16 +56,44 @@ def atomic_file(path: Path) -> Iterator[Path]:
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield an empty temporary directory; it replaces `path` only if the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp.chmod(0o777 & ~_UMASK)
     try:
         yield tmp
+        for written in (*tmp.rglob("*"), tmp):
+            _sync(written)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+        _sync(path.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _remove_stale(path: Path) -> None:
+    """Temporary siblings of `path` that a killed writer left (SIGKILL or a lost node runs no `finally`)."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def _sync(path: Path) -> None:
+    """fsync a file or a directory entry, so a renamed output survives a crash of the node, not only of the job."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def invalidate(path: Path) -> None:
+    """Remove a stage's last-written file before it rewrites the others: a failure in between then leaves outputs
+    that look unfinished (Snakemake and DVC rerun them), never a complete-looking mix of old and new files."""
+    Path(path).unlink(missing_ok=True)
 
 
 def read_json(path: Path) -> dict:

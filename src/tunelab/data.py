@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 
 from tunelab import synthetic
-from tunelab.artifacts import write_json, write_jsonl
+from tunelab.artifacts import invalidate, write_json, write_jsonl
 from tunelab.config import DataConfig
 from tunelab.errors import TunelabError
 
@@ -26,6 +26,7 @@ def run_data(data: DataConfig, out: Path) -> dict[str, int]:
     loaded = _check_records(load_records(data.source), data.source)
     records = _unique(loaded)
     splits = split_records(records, data)
+    invalidate(out / "stats.json")
     for split, rows in splits.items():
         write_jsonl(out / f"{split}.jsonl", rows)
     counts = {split: len(rows) for split, rows in splits.items()}

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig as HFGenerationConfig
 
 from tunelab import modeling
-from tunelab.artifacts import read_json, read_jsonl, write_json, write_jsonl
+from tunelab.artifacts import invalidate, read_json, read_jsonl, write_json, write_jsonl
 from tunelab.batches import mean_loss
 from tunelab.config import GenerationConfig, TrainConfig
 from tunelab.tokenize import prompt
@@ -52,6 +52,7 @@ def run_generate(model_dir: Path | None, base_dir: Path, data_dir: Path, tokens_
                           tokenizer.pad_token_id, autocast)
     records = read_jsonl(data_dir / "test.jsonl")
     generations, seconds = _generate(model, tokenizer, records, settings, autocast)
+    invalidate(out / "eval.json")
     write_jsonl(out / "generations.jsonl", generations)
     latencies = [g["latency_seconds"] for g in generations]
     new_tokens = sum(g["new_tokens"] for g in generations)

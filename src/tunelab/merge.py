@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from tunelab import modeling
-from tunelab.artifacts import atomic_dir, read_json, read_jsonl, write_json
+from tunelab.artifacts import atomic_dir, invalidate, read_json, read_jsonl, write_json
 from tunelab.batches import collate
 from tunelab.config import TrainConfig
 from tunelab.generate import load_for_inference
@@ -38,6 +38,7 @@ def run_merge(run_dir: Path, tokens_dir: Path) -> dict:
         merged = PeftModel.from_pretrained(base, str(run_dir / "model")).merge_and_unload()
     batch = collate(read_jsonl(tokens_dir / "test.jsonl")[:PARITY_EXAMPLES], tokenizer.pad_token_id)
     difference = _max_logit_difference(trained, merged, batch)
+    invalidate(run_dir / "merge.json")
     with atomic_dir(run_dir / "merged") as out:
         merged.save_pretrained(out)
         tokenizer.save_pretrained(out)

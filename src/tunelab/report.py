@@ -15,7 +15,7 @@ import io
 import logging
 from pathlib import Path
 
-from tunelab.artifacts import atomic_file, read_json, write_text
+from tunelab.artifacts import atomic_file, invalidate, read_json, write_text
 from tunelab.config import Study
 from tunelab.errors import TunelabError
 
@@ -33,6 +33,7 @@ PLOTS = {"loss_curves.png": "Training and validation loss", "quality_vs_memory.p
 def run_report(study: Study, runs_dir: Path, out: Path) -> list[dict]:
     """Collect every run's results, then write the CSV, the Markdown and HTML reports and the plots."""
     rows = collect(study, runs_dir)
+    invalidate(out / "report.html")
     _write_csv(out / "summary.csv", rows)
     curves = {r["run"]: read_json(runs_dir / r["run"] / "train_metrics.json") for r in rows if r["method"] != "base"}
     figures = _plots(rows, curves)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tunelab.artifacts import read_jsonl, write_json, write_jsonl
+from tunelab.artifacts import invalidate, read_jsonl, write_json, write_jsonl
 from tunelab.config import MetricsConfig
 from tunelab.errors import TunelabError
 
@@ -30,6 +30,7 @@ def run_score(metrics: MetricsConfig, generations: Path, out: Path) -> dict:
         raise TunelabError(f"{generations}: no generations to score")
     predictions, references = [r["prediction"] for r in rows], [r["reference"] for r in rows]
     corpus, per_sample = score(predictions, references, metrics)
+    invalidate(out / "scores.json")
     write_jsonl(out / "sample_scores.jsonl", per_sample)
     write_json(out / "scores.json", corpus)
     log.info("scores: %s", ", ".join(f"{k} {v:.4g}" for k, v in corpus.items() if isinstance(v, float)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tunelab.artifacts import read_jsonl, write_json, write_jsonl
+from tunelab.artifacts import invalidate, read_jsonl, write_json, write_jsonl
 from tunelab.config import DataConfig
 from tunelab.data import SPLITS
 from tunelab.errors import TunelabError
@@ -69,6 +69,7 @@ def run_tokenize(data: DataConfig, tokenizer, data_dir: Path, out: Path) -> dict
             log.warning("%s: %d truncated, %d dropped (longer than %d tokens)",
                         split, counts["truncated"], counts["dropped"], data.max_length)
         tokenized[split] = examples
+    invalidate(out / "stats.json")
     for split, examples in tokenized.items():  # written only once every split is good
         write_jsonl(out / f"{split}.jsonl", examples)
     write_json(out / "stats.json", stats)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from transformers import get_scheduler, set_seed
 
 from tunelab import modeling
-from tunelab.artifacts import atomic_dir, read_jsonl, write_json, write_text
+from tunelab.artifacts import atomic_dir, invalidate, read_jsonl, write_json, write_text
 from tunelab.batches import label_tokens, mean_loss, training_batches
 from tunelab.checkpoint import Checkpoints, fingerprint
 from tunelab.config import Run, TrainConfig
@@ -44,6 +44,7 @@ def run_train(run: Run, base_dir: Path, tokens_dir: Path, out: Path) -> dict:
     checkpoints = Checkpoints(out / "checkpoints", run.train, fingerprint(run.train, path, tokens_dir / "train.jsonl"))
     metrics = fit(model, train_examples, validation_examples, run.train, tokenizer.pad_token_id,
                   profile_dir=out / "profile", label=run.name, checkpoints=checkpoints)
+    invalidate(out / "train_metrics.json")
     with atomic_dir(out / "model") as model_dir:
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
