@@ -1,0 +1,318 @@
+"""Benchmark: tunelab's training path against a plain transformers + PEFT + bitsandbytes loop.
+
+For each architecture x method x quantization x attention it trains one random-weight model (real Qwen2.5
+shapes) for the same steps at the same shapes (batch x seq_len tokens, no padding; LoRA r=16 on all seven
+projections; gradient checkpointing; bf16) twice in this process: through tunelab (`modeling.load_model`,
+`train.attach_method`, `train.fit`) and through `_baseline` below, alternating which side goes first, each
+from a fresh device state (memory freed, cache emptied, peak stats reset). Both sides leave the first
+optimizer step out of tokens/s (fit's rule) and report peak allocated memory from the start of the loop
+(weights included, model loading not). Prints one markdown table and writes `<out>/bench.json`.
+
+Run: `python -m tunelab.bench --arch qwen2.5-1.5b qwen2.5-7b --out results/bench` (see BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.metadata
+import logging
+import math
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from tunelab import modeling, train
+from tunelab.artifacts import atomic_dir, write_json
+from tunelab.config import AdaLoraConfig, LoraConfig, ProfileConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+ARCHITECTURES = {  # Qwen2.5's published config.json values; weights are random
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=151936, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),  # the CPU test's
+}
+SKIPS = {("qwen2.5-7b", "full"): "not run: bf16 AdamW full fine-tuning of 7.6B parameters holds 61 GB of weights, "
+                                 "gradients and optimizer states (8 bytes each) before activations and AdamW's "
+                                 "foreach temporaries (a further 15 GB); it does not fit an 80 GB card"}
+LORA = LoraConfig(r=16, alpha=32, dropout=0.05)  # all seven projections (tunelab's default targets)
+ADALORA = dict(init_r=16, target_r=8, delta_t=2)  # tinit/tfinal follow the step count, see _train_config
+LEARNING_RATE, MAX_GRAD_NORM = 2e-4, 1.0
+WARMUP_STEPS = 3  # steps left out of the median step period
+
+
+@dataclass(frozen=True)
+class Case:
+    arch: str
+    method: str
+    quantization: str
+    attention: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch} {self.method} {self.quantization} {self.attention}"
+
+
+def run_bench(cases: list[Case], *, steps: int, batch_size: int, seq_len: int, model_root: Path,
+              out: Path | None, sides: tuple[str, ...] = ("tunelab", "baseline")) -> list[dict]:
+    """Run every case on both sides; print the table; write bench.json into `out` when given."""
+    device = modeling.device()
+    rows = []
+    for index, case in enumerate(cases):
+        row = {"case": asdict(case), "name": case.name}
+        if (case.arch, case.method) in SKIPS or (case.method == "full" and case.quantization != "none"):
+            row["skipped"] = SKIPS.get((case.arch, case.method), "full fine-tuning takes no quantization")
+            rows.append(row)
+            continue
+        path = build_model(case.arch, model_root, device)
+        examples = synthetic_examples(ARCHITECTURES[case.arch]["vocab_size"], steps * batch_size, seq_len)
+        order = sides if index % 2 == 0 else sides[::-1]
+        for side in order:
+            row[side] = _measure(side, path, case, examples, steps=steps, batch_size=batch_size, device=device)
+        row.update(_ratios(row))
+        rows.append(row)
+        log.info("%s: %s", case.name, _line(row))
+        if out:  # after every case, so a run cut short at its time limit still leaves its numbers
+            write_json(out / "bench.json", {"environment": environment(device), "settings": dict(
+                steps=steps, batch_size=batch_size, seq_len=seq_len, lora=LORA.model_dump(), adalora=ADALORA,
+                learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM), "rows": rows})
+    print(table(rows, environment(device)))
+    return rows
+
+
+def build_model(arch: str, root: Path, device: torch.device) -> Path:
+    """Save a random-weight bf16 model of `arch` under `root` once; quantized loading reads it from there."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    path = Path(root) / arch
+    if (path / "config.json").exists():
+        return path
+    config = Qwen2Config(**ARCHITECTURES[arch], rope_theta=1e6, max_position_embeddings=32768, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+    del model
+    _fresh(device)
+    return path
+
+
+def synthetic_examples(vocab_size: int, count: int, seq_len: int, seed: int = 0) -> list[dict]:
+    """`count` examples of exactly `seq_len` random tokens, every one labelled (no padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (count, seq_len), generator=generator).tolist()
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+def _measure(side: str, path: Path, case: Case, examples: list[dict], *, steps: int, batch_size: int,
+             device: torch.device) -> dict:
+    """One side of one case from a fresh device state. tokens/s comes from one clock for both sides: the
+    median period between optimizer steps after the warm-up steps (a global optimizer post-step hook)."""
+    _fresh(device)
+    start_allocated = torch.cuda.memory_allocated(device) / 1024 ** 3 if device.type == "cuda" else 0.0
+    stamps = []
+    hook = register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+    try:
+        runner = _tunelab if side == "tunelab" else _baseline
+        result = runner(path, case, examples, steps=steps, batch_size=batch_size, device=device)
+    except Exception as err:  # one failing case (say, out of memory) must not lose the rest of the matrix
+        traceback.print_exc()
+        result = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+    finally:
+        hook.remove()
+    _fresh(device)
+    warmup = min(WARMUP_STEPS, steps - 1)
+    periods = [after - before for before, after in zip(stamps[warmup - 1:], stamps[warmup:])]
+    if "error" not in result and periods:
+        result["step_seconds"] = periods
+        result["tokens_per_second"] = batch_size * len(examples[0]["input_ids"]) / statistics.median(periods)
+    result["start_allocated_gib"] = start_allocated
+    return result
+
+
+def _train_config(case: Case, steps: int, batch_size: int) -> TrainConfig:
+    edge = min(2, (steps - 1) // 2)  # AdaLoRA's tinit/tfinal; a budgeting phase must remain
+    return TrainConfig(
+        method=case.method, quantization=case.quantization, attention=case.attention, precision="bf16",
+        lora=LORA, adalora=AdaLoraConfig(**ADALORA, tinit=edge, tfinal=edge), micro_batch_size=batch_size,
+        max_steps=steps, learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM, warmup_steps=0,
+        lr_scheduler="constant_with_warmup", gradient_checkpointing=True, eval_every=steps, log_every=steps,
+        profile=ProfileConfig(steps=0))
+
+
+def _tunelab(path: Path, case: Case, examples: list[dict], *, steps: int, batch_size: int,
+             device: torch.device) -> dict:
+    config = _train_config(case, steps, batch_size)
+    torch.manual_seed(config.seed)
+    model = train.attach_method(modeling.load_model(path, config, for_training=True), config)
+    metrics = train.fit(model, examples, examples[:batch_size], config, pad_id=0, label=case.name)
+    losses = [loss for _, loss in metrics["loss_curve"]]
+    return {"fit_tokens_per_second": metrics["tokens_per_second"], "peak_memory_gib": metrics["peak_memory_gib"],
+            "peak_reserved_gib": metrics["peak_reserved_gib"], "losses": losses,
+            "finite": all(map(math.isfinite, losses)), "trainable_parameters": metrics["trainable_parameters"]}
+
+
+def _baseline(path: Path, case: Case, examples: list[dict], *, steps: int, batch_size: int,
+              device: torch.device) -> dict:
+    """The plain loop: from_pretrained, (prepare_model_for_kbit_training,) get_peft_model, torch AdamW."""
+    from peft import AdaLoraConfig as PeftAdaLora, LoraConfig as PeftLora, get_peft_model, \
+        prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    kwargs = {}
+    if case.quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    elif case.quantization == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16, attn_implementation=case.attention,
+                                                 device_map={"": str(device)}, **kwargs)
+    model.config.use_cache = False
+    checkpointing = {"use_reentrant": False}
+    if case.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs=checkpointing)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    common = dict(lora_alpha=LORA.alpha, lora_dropout=LORA.dropout, target_modules=list(LORA.target_modules),
+                  task_type="CAUSAL_LM")
+    edge = min(2, (steps - 1) // 2)
+    if case.method == "lora":
+        model = get_peft_model(model, PeftLora(r=LORA.r, **common))
+    elif case.method == "adalora":
+        model = get_peft_model(model, PeftAdaLora(init_r=ADALORA["init_r"], target_r=ADALORA["target_r"],
+                                                  deltaT=ADALORA["delta_t"], tinit=edge, tfinal=edge,
+                                                  total_step=steps, **common))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE)
+    batches = [{k: torch.tensor([e[k] for e in examples[i:i + batch_size]]) for k in ("input_ids", "labels")}
+               for i in range(0, len(examples), batch_size)]
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds, tokens, losses = 0.0, 0, []
+    for step in range(1, steps + 1):
+        started = time.perf_counter()
+        batch = {k: v.to(device) for k, v in batches[(step - 1) % len(batches)].items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        if case.method == "adalora":  # after step, before zero_grad (PEFT AdaLoRA)
+            model.base_model.update_and_allocate(step)
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step > 1:
+            seconds += time.perf_counter() - started
+            tokens += batch["input_ids"].numel()
+        losses.append(loss.detach())
+    losses = [float(loss) for loss in losses]
+    peak = {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 1024 ** 3,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 1024 ** 3} if device.type == "cuda" else {
+        "peak_memory_gib": float("nan"), "peak_reserved_gib": float("nan")}
+    return {"fit_tokens_per_second": tokens / max(seconds, 1e-9), **peak, "losses": losses,
+            "finite": all(map(math.isfinite, losses)), "trainable_parameters": sum(p.numel() for p in params)}
+
+
+def _fresh(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _ratios(row: dict) -> dict:
+    ours, theirs = row.get("tunelab", {"error": ""}), row.get("baseline", {"error": ""})
+    if "error" in ours or "error" in theirs:
+        return {}
+    return {"speed_ratio": ours["tokens_per_second"] / theirs["tokens_per_second"],
+            "memory_ratio": ours["peak_memory_gib"] / theirs["peak_memory_gib"]}
+
+
+def _cells(result: dict | None) -> tuple[str, str, str]:
+    """tokens/s, peak GiB and final loss of one side, or its error."""
+    if result is None:
+        return "", "", "-"
+    if "error" in result:
+        return result["error"], "", "-"
+    return (f"{result['tokens_per_second']:,.0f}", f"{result['peak_memory_gib']:.2f}",
+            f"{result['losses'][-1]:.3f}" + ("" if result["finite"] else " (not finite)"))
+
+
+def _line(row: dict) -> str:
+    return " | ".join(f"{side} {' tok/s, '.join(_cells(row[side])[:2])} GiB, loss {_cells(row[side])[2]}"
+                      for side in ("tunelab", "baseline") if side in row)
+
+
+def table(rows: list[dict], env: dict) -> str:
+    lines = [f"{env['device_name']}, torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
+             f"bitsandbytes {env['bitsandbytes']}", "",
+             "| config | tunelab tok/s | baseline tok/s | speed ratio | tunelab peak GiB | baseline peak GiB "
+             "| memory ratio | fit's own tok/s | final loss (tunelab / baseline) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        if "skipped" in row:
+            lines.append(f"| {row['name']} | | | | | | | | {row['skipped']} |")
+            continue
+        ours, theirs = _cells(row.get("tunelab")), _cells(row.get("baseline"))
+        speed = f"{row['speed_ratio']:.3f}" if "speed_ratio" in row else ""
+        memory = f"{row['memory_ratio']:.3f}" if "memory_ratio" in row else ""
+        fit = row.get("tunelab", {}).get("fit_tokens_per_second")
+        lines.append(f"| {row['name']} | {ours[0]} | {theirs[0]} | {speed} | {ours[1]} | {theirs[1]} | {memory} "
+                     f"| {f'{fit:,.0f}' if fit else ''} | {ours[2]} / {theirs[2]} |")
+    return "\n".join(lines)
+
+
+def environment(device: torch.device) -> dict:
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+    return {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "cuda": torch.version.cuda, "python": sys.version.split()[0], "torch": torch.__version__,
+            **{p: version(p) for p in ("transformers", "peft", "bitsandbytes", "accelerate")},
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tunelab.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", nargs="+", choices=list(ARCHITECTURES), default=["qwen2.5-1.5b"])
+    parser.add_argument("--method", nargs="+", choices=["lora", "adalora", "full"], default=["lora", "adalora", "full"])
+    parser.add_argument("--quantization", nargs="+", choices=["none", "nf4", "int8"], default=["none", "nf4", "int8"])
+    parser.add_argument("--attention", nargs="+", choices=["sdpa", "eager", "flash_attention_2"], default=["sdpa"])
+    parser.add_argument("--steps", type=int, default=13, help="optimizer steps per side; the first 3 are warm-up")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--model-root", type=Path, default=Path("/tmp/tunelab-bench-models"),
+                        help="where the random-weight models are saved once")
+    parser.add_argument("--sides", nargs="+", choices=["tunelab", "baseline"], default=["tunelab", "baseline"])
+    parser.add_argument("--out", type=Path, help="directory for bench.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # bitsandbytes logs "MatMul8bitLt: inputs will be cast ..." on every int8 matmul call, both sides alike
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    cases = [Case(a, m, q, t) for a in args.arch for m in args.method for q in args.quantization
+             for t in args.attention if not (m == "full" and q != "none")]
+    run_bench(cases, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, model_root=args.model_root,
+              out=args.out, sides=tuple(args.sides))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
