@@ -66,6 +66,11 @@ def attach_method(model, train: TrainConfig):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=train.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
+        # That upcasts every bf16/fp16 weight to fp32. A frozen, untied output layer gains nothing (autocast runs its
+        # matmul in the compute dtype) and pays twice: its fp32 copy, and autocast's copy kept for backward.
+        output = model.get_output_embeddings()
+        if output is not None and output.weight is not model.get_input_embeddings().weight:
+            output.to(modeling.weights_dtype(train))
     lora = train.lora
     common = dict(lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
                   task_type="CAUSAL_LM")
@@ -102,20 +107,21 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
         step_started = time.perf_counter()
         if profiler:
             profiler.before(step)
-        micro_batches = [{k: v.to(device) for k, v in next(batches).items()}
-                         for _ in range(train.gradient_accumulation_steps)]
-        step_tokens = sum(label_tokens(b) for b in micro_batches)
+        host_batches = [next(batches) for _ in range(train.gradient_accumulation_steps)]
+        step_tokens = sum(label_tokens(b) for b in host_batches)  # counted before the copy: no device sync
+        micro_batches = [{k: v.to(device) for k, v in b.items()} for b in host_batches]
         loss = 0.0
         for batch in micro_batches:
             with autocast():
                 micro_loss = model(**batch, num_items_in_batch=step_tokens).loss
             scaler.scale(micro_loss).backward()
-            loss += float(micro_loss)
-        _check_step(step, loss, params, label)
+            loss += micro_loss.detach()  # read once the optimizer step is queued: the GPU never waits on it
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
+        loss = float(loss)
+        _check_step(step, loss, params, label)  # before zero_grad: it reads the step-1 gradients
         if train.method == "adalora":  # after step, before zero_grad: it reads the gradients (PEFT AdaLoRA)
             model.base_model.update_and_allocate(step)
         optimizer.zero_grad(set_to_none=True)
@@ -163,7 +169,9 @@ def _check_step(step: int, loss: float, params: list[torch.Tensor], label: str) 
 
 def _optimizer(params: list[torch.Tensor], train: TrainConfig) -> torch.optim.Optimizer:
     if train.optimizer == "adamw_torch":
-        return torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+        # fused: one kernel per step for all parameters on CUDA instead of foreach's dozen passes
+        return torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay,
+                                 fused=all(p.is_cuda for p in params) or None)
     import bitsandbytes as bnb
 
     optimizer = bnb.optim.AdamW8bit if train.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
