@@ -9,6 +9,6 @@ if [ -x .venv/bin/tunelab ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt
 fi
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -c envs/constraints-cpu.txt -e '.[dev]'
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c envs/constraints-cpu.txt -e '.[train,workflow,dev]'
 .venv/bin/python -m pip check
 touch "$stamp"
