@@ -1,0 +1,56 @@
+"""Merging adapters into a deployable model, and generating from runs and bases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tunelab.artifacts import read_json, read_jsonl
+from tunelab.batches import collate
+from tunelab.config import GenerationConfig, Run, TrainConfig
+from tunelab.generate import load_for_inference, run_generate
+from tunelab.merge import run_merge
+from tunelab.train import run_train
+
+ADALORA = {"init_r": 8, "target_r": 2, "tinit": 2, "tfinal": 2, "delta_t": 2}
+
+
+@pytest.fixture(scope="module", params=["lora", "adalora", "full"])
+def trained_run(request, tiny_base, tiny_tokens, tmp_path_factory):
+    train = TrainConfig(method=request.param, max_steps=8, eval_every=4, micro_batch_size=4, learning_rate=3e-3,
+                        adalora=ADALORA, profile={"steps": 0})
+    out = tmp_path_factory.mktemp(request.param)
+    run_train(Run(name=f"tiny-{request.param}", model="tiny", train=train), tiny_base, tiny_tokens / "tokens", out)
+    return out
+
+
+def test_merged_model_reloads_with_plain_transformers_and_matches(trained_run, tiny_tokens):
+    """The merge of LoRA, AdaLoRA (which other tools refuse) and full runs reloads and keeps the logits."""
+    report = run_merge(trained_run, tiny_tokens / "tokens")
+    merged = AutoModelForCausalLM.from_pretrained(trained_run / "merged", dtype=torch.float32)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    trained, tokenizer, _ = load_for_inference(trained_run / "model", None)
+    batch = collate(read_jsonl(tiny_tokens / "tokens" / "test.jsonl")[:4], tokenizer.pad_token_id)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        expected, got = trained.eval()(**inputs).logits[mask], merged.eval()(**inputs).logits[mask]
+    scale = expected.abs().max()
+    assert (expected - got).abs().max() / scale < 2e-2  # bf16 export: about 3 significant digits
+    assert report["max_logit_difference_vs_trained"] / scale < 2e-2
+    assert report["size_bytes"] > 0 and (trained_run / "merged" / "tokenizer.json").is_file()
+
+
+def test_generate_from_a_run_and_from_its_base(trained_run, tiny_base, tiny_tokens, tmp_path):
+    settings = GenerationConfig(max_new_tokens=8, batch_size=5)
+    data, tokens = tiny_tokens / "data", tiny_tokens / "tokens"
+    summary = run_generate(trained_run / "model", tiny_base, data, tokens, settings, trained_run)
+    base_summary = run_generate(None, tiny_base, data, tokens, settings, tmp_path)
+    records = read_jsonl(data / "test.jsonl")
+    for out, result in ((trained_run, summary), (tmp_path, base_summary)):
+        generations = read_jsonl(out / "generations.jsonl")
+        assert [g["reference"] for g in generations] == [r["output"] for r in records]  # back in record order
+        assert all(0 <= g["new_tokens"] <= 8 and g["latency_seconds"] > 0 for g in generations)
+        assert read_json(out / "eval.json") == pytest.approx(result)
+        assert result["test_loss"] > 0 and result["samples"] == len(records)

@@ -1,0 +1,92 @@
+"""The whole tiny study through Snakemake, as the README's main command runs it."""
+
+from __future__ import annotations
+
+import csv
+
+import yaml
+
+from tunelab.artifacts import read_json, read_jsonl
+from conftest import DEMO, REPO, run_snakemake
+
+RUNS = ["base-tiny", "tiny-lora", "tiny-adalora", "tiny-full"]
+PLOTS = ["loss_curves.png", "quality_vs_memory.png", "quality_vs_speed.png", "latency.png"]
+
+
+def summary(workdir):
+    with open(workdir / "results" / "report" / "summary.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_report_has_one_filled_row_per_run(tiny_study):
+    rows = summary(tiny_study)
+    assert [row["run"] for row in rows] == RUNS
+    for row in rows:
+        for column in ("bleu", "rouge_l", "bertscore_f1", "test_loss", "latency_seconds_mean"):
+            assert row[column] != "", f"{row['run']}: {column} is empty"
+    for row in rows[1:]:
+        for column in ("trainable_parameters", "train_tokens_per_second", "peak_memory_gib", "train_wall_seconds",
+                       "bleu_delta_vs_base", "bertscore_f1_delta_vs_base"):
+            assert row[column] != "", f"{row['run']}: {column} is empty"
+        assert 0 <= float(row["bleu"]) <= 100 and 0 <= float(row["bertscore_f1"]) <= 1
+
+
+def test_fine_tuning_beats_the_untrained_base_on_test_loss(tiny_study):
+    rows = {row["run"]: row for row in summary(tiny_study)}
+    base = float(rows["base-tiny"]["test_loss"])
+    for run in RUNS[1:]:
+        assert float(rows[run]["test_loss"]) < base, f"{run} did not learn"
+        generations = read_jsonl(tiny_study / "results" / "runs" / run / "generations.jsonl")
+        empty = sum(not g["prediction"].strip() for g in generations)
+        assert empty <= len(generations) // 10, f"{run}: {empty}/{len(generations)} empty answers"
+
+
+def test_every_run_directory_is_complete(tiny_study):
+    for run in RUNS[1:]:
+        run_dir = tiny_study / "results" / "runs" / run
+        metrics = read_json(run_dir / "train_metrics.json")
+        assert metrics["run"] == run and metrics["steps"] == 150
+        for name in ("generations.jsonl", "eval.json", "scores.json", "merge.json", "logs/train.log",
+                     "profile/trace.json.gz", "profile/key_averages.txt", "merged/model.safetensors"):
+            assert (run_dir / name).is_file(), f"{run}: {name} is missing"
+    assert read_json(tiny_study / "results" / "runs" / "tiny-adalora" / "train_metrics.json")[
+        "adalora_rank_budget"]["final"] < 12 * 14
+
+
+def test_report_files_and_plots(tiny_study):
+    report = tiny_study / "results" / "report"
+    for plot in PLOTS:
+        assert (report / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (report / plot).stat().st_size > 10_000
+    markdown = (report / "report.md").read_text()
+    assert all(f"| {run} |" in markdown for run in RUNS) and "Best quality" in markdown
+    assert (report / "report.html").read_text().count("data:image/png;base64,") == len(PLOTS)
+
+
+def test_second_run_has_nothing_to_do(tiny_study):
+    result = run_snakemake(tiny_study, tiny_study / "tiny.yaml", "-n")
+    assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_changing_one_run_reruns_only_it_and_the_report(tiny_study, tmp_path):
+    study = yaml.safe_load((tiny_study / "tiny.yaml").read_text())
+    study["runs"][0]["learning_rate"] = 1.0e-3  # tiny-lora only
+    changed = tmp_path / "tiny.yaml"
+    changed.write_text(yaml.safe_dump(study))
+    result = run_snakemake(tiny_study, changed, "-n")
+    planned = [line.split("run=")[1] for line in result.stdout.splitlines() if "wildcards: run=" in line]
+    assert sorted(set(planned)) == ["tiny-lora"], result.stdout[-3000:]
+    assert "report" in result.stdout
+
+
+def test_the_study_runs_on_the_alpaca_demo_records(tmp_path):
+    study = yaml.safe_load((REPO / "studies" / "tiny.yaml").read_text())
+    study["data"].update(source=str(DEMO), test_size=24, max_length=128)
+    study["models"]["tiny"]["tiny"].update(warmup_steps=100)
+    study["train"].update(max_steps=60, eval_every=30)
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(study))
+    result = run_snakemake(tmp_path, tmp_path / "demo.yaml")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert [row["run"] for row in summary(tmp_path)] == RUNS
+    assert read_json(tmp_path / "results" / "data" / "stats.json")["records"] == 999
+    assert read_json(tmp_path / "results" / "tokens" / "tiny" / "stats.json")["train"]["truncated"] > 0
