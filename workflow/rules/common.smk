@@ -57,9 +57,11 @@ SIZES = {
     "1.5B": {"gpu": 1, "mem_mb": 32000, "train": 240, "merge": 30, "generate": 60},
     "7B": {"gpu": 1, "mem_mb": 64000, "train": 720, "merge": 60, "generate": 120},
 }
-# Train jobs are preemptible: SLURM sends USR1 5 minutes before the time limit and may requeue the job,
-# which resumes from its last checkpoint. (sbatch options outside the plugin's own; see profiles/slurm.)
-PREEMPTIBLE = "--signal=B:USR1@300 --requeue"
+# Train jobs are preemptible: SLURM sends SIGUSR1 to the job's steps (so to `tunelab train`, which checkpoints and
+# exits) 5 minutes before the time limit, and may requeue the job; the rerun resumes from the checkpoint. Not
+# `B:USR1`: that signals only the plugin's batch script, which dies of it, and training then gets SIGTERM with
+# KillWait (30 s) to save (measured on slurm 22.05, docs/cluster.md).
+PREEMPTIBLE = "--signal=USR1@300 --requeue"
 
 # Apptainer images (containers/*.def, built with `apptainer build`); used under --sdm apptainer only.
 TRAIN_IMAGE = "containers/train.sif"
