@@ -229,3 +229,52 @@ def test_snakemake_redoes_a_job_killed_mid_write_with_its_node(tmp_path):
     assert read_json(tmp_path / "results/base/tiny/base.json")["source"] == "tiny"
     assert read_json(tmp_path / "results/tokens/tiny/stats.json")["train"]["examples"] > 0
     assert not list((tmp_path / "results").rglob(".*.tmp")), "the killed writer's temporary directory is gone"
+
+
+@pytest.mark.parametrize("method", ["adalora", "full"])
+def test_resume_is_exact_for_adalora_and_full_fine_tuning(tmp_path, tiny_base, tiny_tokens, method):
+    """In process, a real SIGUSR1 (SLURM's `--signal`) mid-run: AdaLoRA's budget state (importance scores, rank
+    pattern) and a full fine-tune's weights and optimizer resume as exactly as a LoRA adapter does."""
+    from tunelab import modeling
+    from tunelab.artifacts import read_jsonl
+    from tunelab.checkpoint import Checkpoints
+    from tunelab.config import TrainConfig
+    from tunelab.train import attach_method, fit
+
+    train = TrainConfig(method=method, max_steps=24, checkpoint_every=5, micro_batch_size=2, learning_rate=2e-3,
+                        warmup_steps=2, eval_every=12, profile={"steps": 0},
+                        adalora={"init_r": 6, "target_r": 2, "tinit": 4, "tfinal": 6, "delta_t": 2})
+    examples = read_jsonl(tiny_tokens / "tokens" / "train.jsonl")
+    validation = read_jsonl(tiny_tokens / "tokens" / "validation.jsonl")[:8]
+    pad = modeling.load_tokenizer(tiny_base).pad_token_id
+
+    def attempt(checkpoints=None):
+        torch.manual_seed(0)
+        model = attach_method(modeling.load_model(tiny_base, train, for_training=True), train)
+        return model, fit(model, examples, validation, train, pad, checkpoints=checkpoints)
+
+    reference, expected = attempt()
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        interrupted = Checkpoints(tmp_path, train, "test")
+        after_step = interrupted.after_step
+        interrupted.after_step = lambda step: (step == 13 and signal.raise_signal(signal.SIGUSR1), after_step(step))
+        with pytest.raises(SystemExit) as stopped:
+            attempt(interrupted)
+        assert stopped.value.code == 128 + signal.SIGUSR1
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000010", "step-00000013"]
+        resumed = Checkpoints(tmp_path, train, "test")
+        model, got = attempt(resumed)
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert resumed.resumed_step == 13
+    for curve in ("loss_curve", "validation_loss_curve", "learning_rate_curve"):
+        torch.testing.assert_close(torch.tensor(got[curve]), torch.tensor(expected[curve]), atol=1e-3, rtol=0)
+    trained = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter, trained[name], atol=1e-3, rtol=0)
+    if method == "adalora":
+        assert model.peft_config["default"].rank_pattern == reference.peft_config["default"].rank_pattern
+        assert model.peft_config["default"].rank_pattern is not None, "the budget was allocated after the resume"

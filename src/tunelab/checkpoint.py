@@ -87,6 +87,7 @@ class Checkpoints:
             raise SystemExit(128 + self.signalled)
 
     def save(self, step: int) -> Path:
+        """Write the checkpoint of `step` (after the step's update), then drop the oldest beyond checkpoint_keep."""
         objects = self._objects
         path = self.root / _name(step)
         with atomic_dir(path) as tmp:
@@ -158,7 +159,7 @@ class Checkpoints:
             for name, tensor in torch.load(directory / "weights.pt", weights_only=True).items():
                 parameters[name].copy_(tensor)
         objects["optimizer"].load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
-        trainer = torch.load(directory / "trainer.pt", weights_only=True)
+        trainer = torch.load(directory / "trainer.pt", map_location="cpu", weights_only=True)  # RNG states: CPU
         objects["scheduler"].load_state_dict(trainer["scheduler"])
         objects["scaler"].load_state_dict(trainer["scaler"])
         _set_adalora_state(objects["model"], trainer["adalora"])
@@ -233,6 +234,7 @@ def _adalora_state(model) -> dict:
 def _set_adalora_state(model, state: dict) -> None:
     if not state:
         return
-    allocator = model.base_model.rankallocator
-    allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = state["ipt"], state["exp_avg_ipt"], state["exp_avg_unc"]
+    allocator, device = model.base_model.rankallocator, next(model.parameters()).device
+    for name in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        setattr(allocator, name, {key: value.to(device) for key, value in state[name].items()})
     model.peft_config["default"].rank_pattern = state["rank_pattern"]
