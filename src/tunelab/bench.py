@@ -75,7 +75,8 @@ def run_bench(cases: list[Case], *, steps: int, batch_size: int, seq_len: int, m
             continue
         path = build_model(case.arch, model_root, device)
         examples = synthetic_examples(ARCHITECTURES[case.arch]["vocab_size"], steps * batch_size, seq_len)
-        order = sides if index % 2 == 0 else sides[::-1]
+        repetition = cases[:index].count(case)  # a repeated case goes first on the other side next time
+        order = sides if (index + repetition) % 2 == 0 else sides[::-1]
         for side in order:
             row[side] = _measure(side, path, case, examples, steps=steps, batch_size=batch_size, device=device)
         row.update(_ratios(row))
@@ -301,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--model-root", type=Path, default=Path("/tmp/tunelab-bench-models"),
                         help="where the random-weight models are saved once")
+    parser.add_argument("--repeat", type=int, default=1, help="run the whole matrix this many times, alternating")
     parser.add_argument("--sides", nargs="+", choices=["tunelab", "baseline"], default=["tunelab", "baseline"])
     parser.add_argument("--out", type=Path, help="directory for bench.json")
     args = parser.parse_args(argv)
@@ -308,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     # bitsandbytes logs "MatMul8bitLt: inputs will be cast ..." on every int8 matmul call, both sides alike
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     cases = [Case(a, m, q, t) for a in args.arch for m in args.method for q in args.quantization
-             for t in args.attention if not (m == "full" and q != "none")]
+             for t in args.attention if not (m == "full" and q != "none")] * args.repeat
     run_bench(cases, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, model_root=args.model_root,
               out=args.out, sides=tuple(args.sides))
     return 0
