@@ -13,6 +13,7 @@ include: "workflow/rules/base.smk"
 include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/merge.smk"
+include: "workflow/rules/export.smk"
 include: "workflow/rules/generate.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/report.smk"
@@ -22,4 +23,3 @@ rule all:
     default_target: True
     input:
         rules.report.output,
-        expand(rules.merge.output.report, run=RUNS),

@@ -10,7 +10,8 @@ from tunelab.config import check_runtime, load_study
 from tunelab.errors import TunelabError
 from conftest import REPO
 
-TINY = yaml.safe_load((REPO / "studies" / "tiny.yaml").read_text())
+TINY = {key: value for key, value in yaml.safe_load((REPO / "studies" / "tiny.yaml").read_text()).items()
+        if key != "exports"}  # its exports name tiny-lora, which most cases below replace
 
 
 def write_study(tmp_path, **changes) -> str:
@@ -54,7 +55,9 @@ BAD = [  # (change to the tiny study, text the error must contain)
     ({"runs": [{"name": "a", "model": "llama"}]}, "model 'llama' is not one of models: tiny"),
     ({"runs": [{"name": "a", "model": "tiny"}, {"name": "a", "model": "tiny"}]}, "run name 'a' is used twice"),
     ({"models": {"tiny": {"source": "/no/such/model"}}}, "expected hf:<id>, tiny or an existing model directory"),
-    ({"trian": {}}, "trian: unknown key (allowed: name, data, models, train, runs, generation, metrics)"),
+    ({"exports": {"formats": ["nf4"], "runs": ["tiny-qlora"]}}, "exports.runs: 'tiny-qlora' is not a run"),
+    ({"exports": {"formats": ["gguf"]}}, "exports.formats.0: Input should be 'nf4', 'int8' or 'pruned_int8'"),
+    ({"trian": {}}, "trian: unknown key (allowed: name, data, models, train, runs, generation, metrics, exports)"),
 ]
 
 

@@ -10,6 +10,7 @@ from tunelab.artifacts import read_json, read_jsonl
 from conftest import DEMO, REPO, run_snakemake
 
 RUNS = ["base-tiny", "tiny-lora", "tiny-adalora", "tiny-full"]
+EXPORTS = ["tiny-lora.nf4", "tiny-lora.int8", "tiny-lora.pruned_int8"]
 PLOTS = ["loss_curves.png", "quality_vs_memory.png", "quality_vs_speed.png", "latency.png"]
 
 
@@ -20,11 +21,11 @@ def summary(workdir):
 
 def test_report_has_one_filled_row_per_run(tiny_study):
     rows = summary(tiny_study)
-    assert [row["run"] for row in rows] == RUNS
+    assert [row["run"] for row in rows] == RUNS + EXPORTS
     for row in rows:
         for column in ("bleu", "rouge_l", "bertscore_f1", "test_loss", "latency_seconds_mean"):
             assert row[column] != "", f"{row['run']}: {column} is empty"
-    for row in rows[1:]:
+    for row in rows[1:len(RUNS)]:
         for column in ("trainable_parameters", "train_tokens_per_second", "peak_memory_gib", "train_wall_seconds",
                        "bleu_delta_vs_base", "bertscore_f1_delta_vs_base"):
             assert row[column] != "", f"{row['run']}: {column} is empty"
@@ -51,6 +52,16 @@ def test_every_run_directory_is_complete(tiny_study):
             assert (run_dir / name).is_file(), f"{run}: {name} is missing"
     assert read_json(tiny_study / "results" / "runs" / "tiny-adalora" / "train_metrics.json")[
         "adalora_rank_budget"]["final"] < 12 * 14
+
+
+def test_quantized_exports_are_scored_next_to_their_run(tiny_study):
+    rows = {row["run"]: row for row in summary(tiny_study)}
+    merged_size = float(rows["tiny-lora"]["size_on_disk_mb"])
+    assert float(rows["tiny-lora.nf4"]["size_on_disk_mb"]) < float(rows["tiny-lora.int8"]["size_on_disk_mb"]) < merged_size
+    assert 0.15 < float(rows["tiny-lora.pruned_int8"]["sparsity"]) < 0.25  # prune_amount 0.2 of the channels
+    for name in EXPORTS:
+        assert rows[name]["export"] == name.split(".")[1] and rows[name]["bertscore_f1"] != ""
+        assert float(rows[name]["test_loss"]) < float(rows["base-tiny"]["test_loss"])
 
 
 def test_report_files_and_plots(tiny_study):
@@ -87,6 +98,6 @@ def test_the_study_runs_on_the_alpaca_demo_records(tmp_path):
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(study))
     result = run_snakemake(tmp_path, tmp_path / "demo.yaml")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert [row["run"] for row in summary(tmp_path)] == RUNS
     assert read_json(tmp_path / "results" / "data" / "stats.json")["records"] == 999
+    assert [row["run"] for row in summary(tmp_path)] == RUNS + EXPORTS
     assert read_json(tmp_path / "results" / "tokens" / "tiny" / "stats.json")["train"]["truncated"] > 0

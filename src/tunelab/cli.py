@@ -5,6 +5,7 @@ logging and calls the stage's entry. A user error exits 2 with its message; a bu
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -58,13 +59,33 @@ def _merge(study: Study, args) -> None:
 
 
 def _generate(study: Study, args) -> None:
-    from tunelab.generate import run_generate
+    from tunelab.generate import generate_answers, run_generate
 
+    if args.model_dir:  # answer prompts with any trained, merged or exported model
+        instructions = list(args.prompt or [])
+        if args.prompts:
+            instructions += [line for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not instructions:
+            raise TunelabError("generate --model needs --prompt TEXT or --prompts FILE")
+        for instruction, answer in zip(instructions, generate_answers(args.model_dir, instructions, study.generation)):
+            print(json.dumps({"instruction": instruction, "answer": answer}, ensure_ascii=False))
+        return
+    missing = [f"--{o}" for o in ("run", "base", "data", "tokens", "out") if getattr(args, o) is None]
+    if missing:
+        raise TunelabError(f"generate needs {', '.join(missing)} (or --model DIR --prompt TEXT)")
     reference = args.run in study.reference_runs
     model_dir = None if reference else args.out / "model"
-    if not reference:
+    if not reference and args.run not in study.export_runs:
         study.run(args.run)
     run_generate(model_dir, args.base, args.data, args.tokens, study.generation, args.out)
+
+
+def _export(study: Study, args) -> None:
+    from tunelab.export import run_export
+
+    if args.run not in study.export_runs:
+        raise TunelabError(f"{study.path}: no export named {args.run!r} (exports: {', '.join(study.export_runs)})")
+    run_export(args.merged, study.export_runs[args.run][1], study.exports.prune_amount, args.out)
 
 
 def _score(study: Study, args) -> None:
@@ -86,14 +107,22 @@ STAGES = {
     "tokenize": (_tokenize, "apply the prompt template and tokenize every split", ("base", "data", "out")),
     "train": (_train, "train one run", ("run", "base", "tokens", "out")),
     "merge": (_merge, "merge a run's adapter into its base (bf16 safetensors)", ("run", "tokens", "out")),
-    "generate": (_generate, "test loss and generations of a run or a base", ("run", "base", "data", "tokens", "out")),
+    "export": (_export, "quantize a merged run for deployment (nf4, int8, pruned_int8)", ("run", "merged", "out")),
+    "generate": (_generate, "test loss and generations of a run or a base; or answers of any model to prompts",
+                 ("run", "base", "data", "tokens", "out", "model_dir", "prompt", "prompts")),
     "score": (_score, "score a run's generations (BLEU, ROUGE-L, BERTScore, CodeBLEU)", ("generations", "out")),
     "report": (_report, "aggregate every run into summary.csv, report.md/html and plots", ("runs", "out")),
 }
 OPTIONS = {"model": (str, "model name from the study's models"), "run": (str, "run name from the study's runs"),
            "data": (Path, "the data stage's directory"), "base": (Path, "the base stage's directory of the model"),
            "tokens": (Path, "the tokenize stage's directory of the model"), "out": (Path, "output directory"),
-           "generations": (Path, "a generations.jsonl"), "runs": (Path, "the directory of every run")}
+           "generations": (Path, "a generations.jsonl"), "runs": (Path, "the directory of every run"),
+           "merged": (Path, "a run's merged model directory")}
+OPTIONAL = {  # options of `generate --model`: an argument list, not Snakemake's files
+    "model_dir": dict(flags=["--model"], type=Path, help="a trained, merged or exported model directory"),
+    "prompt": dict(flags=["--prompt"], action="append", help="an instruction to answer (repeatable)"),
+    "prompts": dict(flags=["--prompts"], type=Path, help="a file of instructions, one per line"),
+}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -107,8 +136,12 @@ def parser() -> argparse.ArgumentParser:
         else:
             command.add_argument("--config", type=Path, default=Path("config.yaml"), help="study YAML")
         for option in options:
+            if option in OPTIONAL:
+                spec = dict(OPTIONAL[option])
+                command.add_argument(*spec.pop("flags"), dest=option, **spec)
+                continue
             kind, option_help = OPTIONS[option]
-            command.add_argument(f"--{option}", type=kind, required=True, help=option_help)
+            command.add_argument(f"--{option}", type=kind, required=stage != "generate", help=option_help)
     return root
 
 

@@ -158,6 +158,17 @@ class MetricsConfig(Frozen):
     codebleu_lang: str = "python"
 
 
+ExportFormat = Literal["nf4", "int8", "pruned_int8"]
+
+
+class ExportConfig(Frozen):
+    """Quantized exports of merged runs, each generated and scored like a run (named `<run>.<format>`)."""
+
+    formats: list[ExportFormat] = Field([], description="nf4, int8 and/or pruned_int8 (channel pruning, then 8-bit)")
+    runs: list[str] | None = Field(None, description="runs to export; all runs when absent")
+    prune_amount: Fraction = Field(0.2, description="share of output channels pruned in pruned_int8")
+
+
 class Run(Frozen):
     """One resolved training run (a Snakemake wildcard)."""
 
@@ -173,6 +184,7 @@ class Study(Frozen):
     runs: list[Run]
     generation: GenerationConfig
     metrics: MetricsConfig
+    exports: ExportConfig
     path: Path
 
     def run(self, name: str) -> Run:
@@ -189,6 +201,12 @@ class Study(Frozen):
         """One untrained-base row per model that any run fine-tunes."""
         return [self.reference_name(m) for m in dict.fromkeys(r.model for r in self.runs)]
 
+    @property
+    def export_runs(self) -> dict[str, tuple[str, str]]:
+        """Each export's name (`<run>.<format>`) and what it comes from: (run, format)."""
+        runs = self.exports.runs if self.exports.runs is not None else [r.name for r in self.runs]
+        return {f"{run}.{fmt}": (run, fmt) for run in runs for fmt in self.exports.formats}
+
 
 class _StudyFile(Frozen):
     """The YAML as written: `runs` entries may hold lists, expanded into a grid."""
@@ -200,6 +218,7 @@ class _StudyFile(Frozen):
     runs: list[dict] = Field(min_length=1, description="runs; list values expand into a grid")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    exports: ExportConfig = Field(default_factory=ExportConfig)
 
 
 GRID_KEYS = ("model", "method", "quantization", "attention", "precision")
@@ -229,10 +248,12 @@ def load_study(path: str | Path) -> Study:
                 problems.append(f"{path}: {label}: {err}")
     names = [r.name for r in runs]
     problems += [f"{path}: run name {n!r} is used twice" for n in sorted({n for n in names if names.count(n) > 1})]
+    problems += [f"{path}: exports.runs: {n!r} is not a run (runs: {', '.join(names)})"
+                 for n in study_file.exports.runs or [] if n not in names]
     if problems:
         raise TunelabError("\n".join(problems))
     return Study(name=study_file.name, data=study_file.data, models=study_file.models, runs=runs,
-                 generation=study_file.generation, metrics=study_file.metrics, path=path)
+                 generation=study_file.generation, metrics=study_file.metrics, exports=study_file.exports, path=path)
 
 
 def _expand(entry: dict) -> list[dict]:
@@ -304,6 +325,8 @@ def check_runtime(study: Study) -> None:
     problems = []
     for package, needed_by, feature, fix in RUNTIME_NEEDS:
         runs = [r.name for r in study.runs if needed_by(r.train)]
+        if package == "bitsandbytes":  # quantized exports use it too
+            runs += list(study.export_runs)
         if runs and importlib.util.find_spec(package) is None:
             problems.append(f"{study.path}: runs {', '.join(runs)} need {feature}, but {package} is not "
                             f"installed ({fix})")

@@ -26,18 +26,24 @@ from tunelab.tokenize import prompt
 log = logging.getLogger(__name__)
 
 
-def load_for_inference(model_dir: Path, base_dir: Path | None):
-    """The trained model of a run directory (`model_dir`), or the base alone when `model_dir` is None."""
+def load_for_inference(model_dir: Path | None, base_dir: Path | None = None):
+    """A model ready to generate, its tokenizer and the settings it runs with.
+
+    `model_dir` is a run's trained model (loaded as it trained: an adapter on its base in the same
+    quantization), or any merged or exported model directory (bitsandbytes settings, if any, are in its
+    config.json); None means the base of `base_dir` alone.
+    """
     from peft import PeftModel
 
+    plain = TrainConfig(method="full", precision="bf16" if modeling.device().type == "cuda" else "fp32")
     if model_dir is None:
         path = modeling.base_path(base_dir)
-        return modeling.load_model(path, TrainConfig(), for_training=False), modeling.load_tokenizer(path), TrainConfig()
+        return modeling.load_model(path, plain, for_training=False), modeling.load_tokenizer(path), plain
+    tokenizer = modeling.load_tokenizer(model_dir)
+    if not (model_dir / "adapter_config.json").is_file():
+        return modeling.load_model(model_dir, plain, for_training=False), tokenizer, plain
     metrics = read_json(model_dir.parent / "train_metrics.json")
     train = TrainConfig.model_validate(metrics["config"])
-    tokenizer = modeling.load_tokenizer(model_dir)
-    if train.method == "full":
-        return modeling.load_model(model_dir, train, for_training=False), tokenizer, train
     base = modeling.load_model(metrics["base"], train, for_training=False)
     return PeftModel.from_pretrained(base, str(model_dir)), tokenizer, train
 
@@ -66,6 +72,16 @@ def run_generate(model_dir: Path | None, base_dir: Path, data_dir: Path, tokens_
     log.info("test loss %.4f, %d samples, %.3f s mean latency, %d empty", test_loss, len(generations),
              summary["latency_seconds_mean"], summary["empty_predictions"])
     return summary
+
+
+def generate_answers(model_dir: Path, instructions: list[str], settings: GenerationConfig) -> list[str]:
+    """Answers of any trained, merged or exported model to `instructions`, with the training prompt template."""
+    model, tokenizer, train = load_for_inference(model_dir)
+    model.eval()
+    records = [{"instruction": text, "input": "", "output": ""} for text in instructions]
+    generations, _ = _generate(model, tokenizer, records, settings,
+                               modeling.autocast(train, next(model.parameters()).device))
+    return [g["prediction"] for g in generations]
 
 
 @torch.no_grad()

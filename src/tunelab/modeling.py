@@ -75,14 +75,12 @@ def load_model(path: str | Path, train: TrainConfig, *, for_training: bool):
     """Load a causal LM with the run's precision, attention and quantization, on the run's device."""
     if not str(path).startswith(("hf:",)) and not Path(path).exists():
         raise TunelabError(f"model path {str(path)!r} does not exist")
-    kwargs = {"dtype": weights_dtype(train), "attn_implementation": train.attention}
+    kwargs = {"dtype": weights_dtype(train), "attn_implementation": train.attention,
+              "device_map": {"": str(device())}}  # also places pre-quantized (exported) models, which refuse .to()
     if train.quantization != "none":
         kwargs["quantization_config"] = quantization_config(train)
-        kwargs["device_map"] = {"": str(device())}
     model = AutoModelForCausalLM.from_pretrained(str(path).removeprefix("hf:"), **kwargs)
-    if train.quantization == "none":
-        model.to(device())
-    elif for_training and train.quantization == "nf4" and device().type == "cpu":
+    if for_training and train.quantization == "nf4" and device().type == "cpu":
         _keep_cpu_4bit_weights_trainable(model)
     if for_training and train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -21,7 +21,8 @@ from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
 QUALITY = ("bleu", "rouge_l", "bertscore_f1", "codebleu")
-COLUMNS = ("run", "model", "method", "quantization", "attention", "precision", "trainable_parameters",
+COLUMNS = ("run", "model", "method", "quantization", "attention", "precision", "export", "size_on_disk_mb",
+           "merge_max_logit_difference", "sparsity", "trainable_parameters",
            "train_tokens_per_second", "peak_memory_gib", "memory_kind", "train_wall_seconds", "final_validation_loss",
            "test_loss", "latency_seconds_mean", "generated_tokens_per_second", "empty_predictions", *QUALITY,
            *(f"{q}_delta_vs_base" for q in QUALITY), "test_loss_delta_vs_base")
@@ -35,7 +36,8 @@ def run_report(study: Study, runs_dir: Path, out: Path) -> list[dict]:
     rows = collect(study, runs_dir)
     invalidate(out / "report.html")
     _write_csv(out / "summary.csv", rows)
-    curves = {r["run"]: read_json(runs_dir / r["run"] / "train_metrics.json") for r in rows if r["method"] != "base"}
+    curves = {r["run"]: read_json(runs_dir / r["run"] / "train_metrics.json") for r in rows
+              if r.get("export") == "as trained"}
     figures = _plots(rows, curves)
     for name, png in figures.items():
         with atomic_file(out / name) as tmp:
@@ -53,6 +55,11 @@ def collect(study: Study, runs_dir: Path) -> list[dict]:
     for model in dict.fromkeys(r.model for r in study.runs):
         rows.append(_row(runs_dir / study.reference_name(model), study.reference_name(model), model, None))
     rows += [_row(runs_dir / run.name, run.name, run.model, run.train) for run in study.runs]
+    for name, (source, export_format) in study.export_runs.items():
+        run = study.run(source)
+        export = read_json(runs_dir / name / "export.json")
+        rows.append({**_row(runs_dir / name, name, run.model, run.train, trained=False), "export": export_format,
+                     "size_on_disk_mb": export["size_bytes"] / 1e6, "sparsity": export["sparsity"]})
     bases = {row["model"]: row for row in rows if row["method"] == "base"}
     for row in rows:
         base = bases[row["model"]]
@@ -62,7 +69,7 @@ def collect(study: Study, runs_dir: Path) -> list[dict]:
     return rows
 
 
-def _row(run_dir: Path, name: str, model: str, train) -> dict:
+def _row(run_dir: Path, name: str, model: str, train, trained: bool = True) -> dict:
     evaluation, scores = read_json(run_dir / "eval.json"), read_json(run_dir / "scores.json")
     row = {"run": name, "model": model, "method": train.method if train else "base",
            "quantization": train.quantization if train else "none", "attention": train.attention if train else "",
@@ -70,7 +77,10 @@ def _row(run_dir: Path, name: str, model: str, train) -> dict:
            **{k: evaluation.get(k) for k in ("test_loss", "latency_seconds_mean", "generated_tokens_per_second",
                                              "empty_predictions")},
            **{k: scores.get(k) for k in QUALITY}}
-    if train:
+    if train and trained:
+        merge = read_json(run_dir / "merge.json")
+        row.update(export="as trained", size_on_disk_mb=merge["size_bytes"] / 1e6,
+                   merge_max_logit_difference=merge["max_logit_difference_vs_trained"])
         metrics = read_json(run_dir / "train_metrics.json")
         row.update(trainable_parameters=metrics["trainable_parameters"], peak_memory_gib=metrics["peak_memory_gib"],
                    memory_kind=metrics["memory_kind"], train_tokens_per_second=metrics["tokens_per_second"],
@@ -130,7 +140,9 @@ def _markdown(study: Study, rows: list[dict], verdict: list[str]) -> str:
     lines = [f"# Study {study.name}", "", *verdict, "", "| " + " | ".join(shown) + " |",
              "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_format(row.get(c)) for c in shown) + " |" for row in rows]
-    lines += ["", "Memory is peak GPU memory allocated (memory_kind cuda) or the process's peak RSS (cpu_rss).", ""]
+    lines += ["", "Memory is peak GPU memory allocated (memory_kind cuda) or the process's peak RSS (cpu_rss). "
+              "Runs are scored as they trained (adapters on their base); their size_on_disk_mb is that of the bf16 "
+              "merged model. Export rows (`<run>.<format>`) are the quantized merged model, scored the same way.", ""]
     lines += [f"## {title}\n\n![{title}]({name})\n" for name, title in PLOTS.items()]
     return "\n".join(lines)
 
@@ -185,8 +197,9 @@ def _plots(rows: list[dict], curves: dict[str, dict]) -> dict[str, bytes]:
                                       ("quality_vs_speed.png", "train_tokens_per_second",
                                        "training speed (non-padding tokens/s)", True)):
         fig, ax = plt.subplots(figsize=(7, 5))
-        front = set(pareto_front(trained, quality, cost, higher))
-        for row in trained:
+        measured = [row for row in trained if row.get(cost) is not None]
+        front = set(pareto_front(measured, quality, cost, higher))
+        for row in measured:
             ax.scatter(row[cost], row[quality], marker="*" if row["run"] in front else "o", s=120)
             ax.annotate(row["run"], (row[cost], row[quality]), fontsize=8, xytext=(4, 4), textcoords="offset points")
         ax.set(xlabel=label, ylabel=quality, title=PLOTS[name] if "speed" not in name else

@@ -15,20 +15,25 @@ except TunelabError as err:
 
 RUNS = [run.name for run in STUDY.runs]
 REFERENCES = STUDY.reference_runs
+EXPORTS = STUDY.export_runs  # "<run>.<format>" -> (run, format)
 MODELS = list(dict.fromkeys(run.model for run in STUDY.runs))
 
 
+def one_of(names):
+    return "|".join(map(re.escape, names)) or "(?!)"
+
+
 wildcard_constraints:
-    run="|".join(map(re.escape, RUNS + REFERENCES)),
-    model="|".join(map(re.escape, MODELS)),
+    run=one_of(RUNS + REFERENCES + list(EXPORTS)),
+    model=one_of(MODELS),
 
 
 def model_of(run):
-    """The study model a run (or a reference row) belongs to."""
+    """The study model a run, a reference row or an export belongs to."""
     for model in MODELS:
         if run == STUDY.reference_name(model):
             return model
-    return STUDY.run(run).model
+    return STUDY.run(EXPORTS[run][0] if run in EXPORTS else run).model
 
 
 def of_model(pattern):
@@ -37,10 +42,18 @@ def of_model(pattern):
 
 
 def trained_model(wildcards):
-    """A run's trained model directory; nothing for a reference row, which generates from its base."""
+    """The model a job generates from: a run's trained model or an export's quantized one; nothing for a
+    reference row, which generates from its base."""
     if wildcards.run in REFERENCES:
         return []
+    if wildcards.run in EXPORTS:
+        return rules.export.output.model.format(run=wildcards.run)
     return rules.train.output.model.format(run=wildcards.run)
+
+
+def merged_source(wildcards):
+    """The merged model an export quantizes."""
+    return rules.merge.output.merged.format(run=EXPORTS[wildcards.run][0])
 
 
 def train_settings(wildcards):

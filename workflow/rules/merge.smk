@@ -1,4 +1,6 @@
 rule merge:
+    wildcard_constraints:
+        run=one_of(RUNS),
     input:
         model=rules.train.output.model,
         tokens=of_model(rules.tokenize.output.test),

@@ -1,8 +1,10 @@
 rule report:
     input:
-        scores=expand(rules.score.output.scores, run=REFERENCES + RUNS),
-        evaluations=expand(rules.generate.output.evaluation, run=REFERENCES + RUNS),
+        scores=expand(rules.score.output.scores, run=REFERENCES + RUNS + list(EXPORTS)),
+        evaluations=expand(rules.generate.output.evaluation, run=REFERENCES + RUNS + list(EXPORTS)),
         metrics=expand(rules.train.output.metrics, run=RUNS),
+        merges=expand(rules.merge.output.report, run=RUNS),
+        exports=expand(rules.export.output.report, run=list(EXPORTS)),
     output:
         summary="results/report/summary.csv",
         markdown="results/report/report.md",

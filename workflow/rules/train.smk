@@ -1,4 +1,6 @@
 rule train:
+    wildcard_constraints:
+        run=one_of(RUNS),
     input:
         base=of_model(rules.base.output[0]),
         tokens=of_model(rules.tokenize.output.train),
