@@ -101,3 +101,16 @@ def test_the_study_runs_on_the_alpaca_demo_records(tmp_path):
     assert read_json(tmp_path / "results" / "data" / "stats.json")["records"] == 999
     assert [row["run"] for row in summary(tmp_path)] == RUNS + EXPORTS
     assert read_json(tmp_path / "results" / "tokens" / "tiny" / "stats.json")["train"]["truncated"] > 0
+
+
+def test_report_renders_without_training_dependencies(tiny_study, tmp_path):
+    """A laptop after `dvc pull`: `tunelab report` needs the results files only, not torch or transformers."""
+    import subprocess
+    import sys
+
+    blocked = "import sys; [sys.modules.__setitem__(m, None) for m in ('torch', 'transformers', 'peft', 'bitsandbytes')]"
+    command = (f"{blocked}; from tunelab.cli import main; sys.exit(main(['report', '--config', 'tiny.yaml', "
+               f"'--runs', 'results/runs', '--out', {str(tmp_path)!r}]))")
+    result = subprocess.run([sys.executable, "-c", command], cwd=tiny_study, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "summary.csv").read_text() == (tiny_study / "results" / "report" / "summary.csv").read_text()

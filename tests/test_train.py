@@ -12,13 +12,17 @@ from tunelab.errors import TunelabError
 from tunelab.train import attach_method, fit, run_train
 
 TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-CASES = [  # (method, quantization, precision, steps)
-    ("lora", "none", "fp32", 40),
-    ("adalora", "none", "fp32", 40),
-    ("full", "none", "fp32", 40),
-    ("lora", "none", "bf16", 12),      # bf16 is about 5x slower on an AVX2 CPU: fewer steps
-    ("lora", "nf4", "fp32", 40),       # bitsandbytes 4-bit on the CPU (QLoRA)
-    ("lora", "int8", "fp32", 20),      # LLM.int8 on the CPU
+CASES = [  # (method, quantization, precision, steps, other settings)
+    ("lora", "none", "fp32", 40, {}),
+    ("adalora", "none", "fp32", 40, {}),
+    ("full", "none", "fp32", 40, {}),
+    ("lora", "none", "bf16", 12, {}),      # bf16 is about 5x slower on an AVX2 CPU: fewer steps
+    ("lora", "none", "fp16", 12, {}),      # fp16 autocast with GradScaler loss scaling
+    ("lora", "nf4", "fp32", 40, {}),       # bitsandbytes 4-bit on the CPU (QLoRA)
+    ("lora", "int8", "fp32", 20, {}),      # LLM.int8 on the CPU
+    ("lora", "none", "fp32", 20, {"lora": {"use_dora": True, "use_rslora": True}}),
+    ("lora", "nf4", "fp32", 20, {"gradient_checkpointing": True, "optimizer": "paged_adamw_8bit"}),
+    ("full", "none", "fp32", 20, {"gradient_checkpointing": True, "optimizer": "adamw_8bit"}),
 ]
 
 
@@ -34,11 +38,11 @@ def model_for(tiny_base, train: TrainConfig):
     return attach_method(modeling.load_model(tiny_base, train, for_training=True), train)
 
 
-@pytest.mark.parametrize("method, quantization, precision, steps", CASES,
-                         ids=["-".join(map(str, c[:3])) for c in CASES])
-def test_method_trains(tiny_base, tiny_tokens, method, quantization, precision, steps):
+@pytest.mark.parametrize("method, quantization, precision, steps, other", CASES,
+                         ids=["-".join(map(str, c[:3])) + "".join(f"-{k}" for k in c[4]) for c in CASES])
+def test_method_trains(tiny_base, tiny_tokens, method, quantization, precision, steps, other):
     train = settings(method=method, quantization=quantization, precision=precision, max_steps=steps,
-                     eval_every=steps // 2)
+                     eval_every=steps // 2, **other)
     model = model_for(tiny_base, train)
     examples = read_jsonl(tiny_tokens / "tokens" / "train.jsonl")
     validation = read_jsonl(tiny_tokens / "tokens" / "validation.jsonl")
