@@ -232,17 +232,17 @@ def test_snakemake_redoes_a_job_killed_mid_write_with_its_node(tmp_path):
     assert not list((tmp_path / "results").rglob(".*.tmp")), "the killed writer's temporary directory is gone"
 
 
-@pytest.mark.parametrize("method", ["adalora", "full"])
-def test_resume_is_exact_for_adalora_and_full_fine_tuning(tmp_path, tiny_base, tiny_tokens, method):
+@pytest.mark.parametrize("method, precision", [("adalora", "fp32"), ("full", "fp32"), ("lora", "fp16")])
+def test_resume_is_exact_for_adalora_full_and_fp16(tmp_path, tiny_base, tiny_tokens, method, precision):
     """In process, a real SIGUSR1 (SLURM's `--signal`) mid-run: AdaLoRA's budget state (importance scores, rank
-    pattern) and a full fine-tune's weights and optimizer resume as exactly as a LoRA adapter does."""
+    pattern), a full fine-tune's weights and optimizer, and fp16's GradScaler resume as exactly as LoRA does."""
     from tunelab import modeling
     from tunelab.artifacts import read_jsonl
     from tunelab.checkpoint import Checkpoints
     from tunelab.config import TrainConfig
     from tunelab.train import attach_method, fit
 
-    train = TrainConfig(method=method, max_steps=24, checkpoint_every=5, micro_batch_size=2, learning_rate=2e-3,
+    train = TrainConfig(method=method, precision=precision, max_steps=24, checkpoint_every=5, micro_batch_size=2, learning_rate=2e-3,
                         warmup_steps=2, eval_every=12, profile={"steps": 0},
                         adalora={"init_r": 6, "target_r": 2, "tinit": 4, "tfinal": 6, "delta_t": 2})
     examples = read_jsonl(tiny_tokens / "tokens" / "train.jsonl")
