@@ -38,10 +38,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
   fi
 fi
 
-# slurm.conf asks for 2 CPUs and 4000 MB; slurmctld drains a node that has less.
+# slurm.conf's node has 2 CPUs; the tiny study needs 4000 MB of memory (slurm.conf schedules with 8000).
 read -r cpus memory < <(slurmd -C | sed -n 's/.*CPUs=\([0-9]*\).*RealMemory=\([0-9]*\).*/\1 \2/p')
 [ "${cpus:-0}" -ge 2 ] && [ "${memory:-0}" -ge 4000 ] ||
-  die "this machine has ${cpus:-?} CPUs and ${memory:-?} MB; $CLUSTER/slurm.conf needs 2 CPUs and 4000 MB"
+  die "this machine has ${cpus:-?} CPUs and ${memory:-?} MB; the local cluster needs 2 CPUs and 4000 MB"
 
 install -d -o slurm -g slurm "$STATE/ctld" "$LOG" "$RUN"
 install -d "$STATE/d"
