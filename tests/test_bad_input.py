@@ -38,7 +38,8 @@ LATIN1 = jsonl(replaced(3, output="cafe")).replace(b'"cafe"', '"caf\u00e9"'.enco
 CASES = [
     ("malformed-json", "data", ("data.json", b'[{"instruction": "a", "output": "b"},\n {"instruction": "c" "output"}]'),
      {}, ["data.json", "line 2", "malformed JSON"]),
-    ("malformed-jsonl-line", "data", ("data.jsonl", b"".join(BROKEN_LINE)), {}, ["data.jsonl", "line 3", "malformed JSON"]),
+    ("malformed-jsonl-line", "data", ("data.jsonl", b"".join(BROKEN_LINE)), {},
+     ["data.jsonl", "line 3", "malformed JSON"]),
     ("missing-instruction", "data", ("data.jsonl", jsonl(without(2, "instruction"))), {},
      ["data.jsonl", "record 2", "missing 'instruction'"]),
     ("missing-output", "data", ("data.json", json.dumps(without(5, "output")).encode()), {},

@@ -223,8 +223,8 @@ def test_snakemake_redoes_a_job_killed_mid_write_with_its_node(tmp_path):
     refused = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=300)
     assert refused.returncode != 0 and "--unlock" in refused.stderr, "the dead run's lock stops a blind rerun"
     subprocess.run([*command[:4], "--unlock", *command[4:]], check=True, capture_output=True, env=environment())
-    redone = subprocess.run([*command[:4], "--rerun-incomplete", *command[4:]], capture_output=True, text=True, env=environment(),
-                            timeout=600)
+    redone = subprocess.run([*command[:4], "--rerun-incomplete", *command[4:]], capture_output=True, text=True,
+                            env=environment(), timeout=600)
     assert redone.returncode == 0, redone.stderr[-3000:]
     assert "rule base:" in redone.stderr or "rule base:" in redone.stdout
     assert read_json(tmp_path / "results/base/tiny/base.json")["source"] == "tiny"
@@ -242,8 +242,8 @@ def test_resume_is_exact_for_adalora_full_and_fp16(tmp_path, tiny_base, tiny_tok
     from tunelab.config import TrainConfig
     from tunelab.train import attach_method, fit
 
-    train = TrainConfig(method=method, precision=precision, max_steps=24, checkpoint_every=5, micro_batch_size=2, learning_rate=2e-3,
-                        warmup_steps=2, eval_every=12, profile={"steps": 0},
+    train = TrainConfig(method=method, precision=precision, max_steps=24, checkpoint_every=5, micro_batch_size=2,
+                        learning_rate=2e-3, warmup_steps=2, eval_every=12, profile={"steps": 0},
                         adalora={"init_r": 6, "target_r": 2, "tinit": 4, "tfinal": 6, "delta_t": 2})
     examples = read_jsonl(tiny_tokens / "tokens" / "train.jsonl")
     validation = read_jsonl(tiny_tokens / "tokens" / "validation.jsonl")[:8]
