@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import secrets
 import shutil
-from pathlib import Path
 
 from conftest import REPO, run_snakemake
 
