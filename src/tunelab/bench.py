@@ -4,9 +4,10 @@ For each architecture x method x quantization x attention it trains one random-w
 shapes) for the same steps at the same shapes (batch x seq_len tokens, no padding; LoRA r=16 on all seven
 projections; gradient checkpointing; bf16) twice in this process: through tunelab (`modeling.load_model`,
 `train.attach_method`, `train.fit`) and through `_baseline` below, alternating which side goes first, each
-from a fresh device state (memory freed, cache emptied, peak stats reset). Both sides leave the first
-optimizer step out of tokens/s (fit's rule) and report peak allocated memory from the start of the loop
-(weights included, model loading not). Prints one markdown table and writes `<out>/bench.json`.
+from a fresh device state (memory freed, cache emptied, peak stats reset). tokens/s comes from one clock
+for both sides (the median period between optimizer steps after 3 warm-up steps; fit's own figure is kept
+beside it), and peak allocated memory counts from the start of the loop (weights included, model loading
+not). Prints one markdown table and writes `<out>/bench.json`.
 
 Run: `python -m tunelab.bench --arch qwen2.5-1.5b qwen2.5-7b --out results/bench` (see BENCHMARKS.md).
 """
