@@ -69,7 +69,9 @@ def mean_loss(model, examples: list[dict], batch_size: int, pad_id: int, autocas
         tokens = label_tokens(batch)
         with autocast():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = ForCausalLMLoss(logits.float(), batch["labels"], logits.shape[-1], num_items_in_batch=tokens)
+        logits = logits.float()  # frees the half-precision logits before the loss: one vocab-sized copy less at peak
+        loss = ForCausalLMLoss(logits, batch["labels"], logits.shape[-1], num_items_in_batch=tokens)
+        del logits  # not held through the next batch's forward
         total += float(loss) * tokens
         count += tokens
     model.train(was_training)
