@@ -79,6 +79,8 @@ def load_model(path: str | Path, train: TrainConfig, *, for_training: bool):
               "device_map": {"": str(device())}}  # also places pre-quantized (exported) models, which refuse .to()
     if train.quantization != "none":
         kwargs["quantization_config"] = quantization_config(train)
+    if train.quantization == "int8":  # bitsandbytes warns "inputs will be cast ..." at every int8 matmul call
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     model = AutoModelForCausalLM.from_pretrained(str(path).removeprefix("hf:"), **kwargs)
     if for_training and train.quantization == "nf4" and device().type == "cpu":
         _keep_cpu_4bit_weights_trainable(model)

@@ -56,9 +56,12 @@ def merged_source(wildcards):
     return rules.merge.output.merged.format(run=EXPORTS[wildcards.run][0])
 
 
+BOOKKEEPING = {"checkpoint_every", "checkpoint_keep", "log_every"}  # settings that don't change a run's result
+
+
 def train_settings(wildcards):
     """The run's resolved settings: a change reruns this run (and the report) only."""
-    return STUDY.run(wildcards.run).train.model_dump_json()
+    return STUDY.run(wildcards.run).train.model_dump_json(exclude=BOOKKEEPING)
 
 
 # What each job asks of a cluster (profiles/slurm) and of the local scheduler, by the size of its run's model.

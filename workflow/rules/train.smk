@@ -19,6 +19,7 @@ rule train:
         slurm_extra=PREEMPTIBLE,
     container:
         TRAIN_IMAGE
+    # `>>`: a job resumed from its checkpoints keeps the log of the interrupted attempt
     shell:
         "tunelab train --config {STUDY_FILE} --run {wildcards.run} --base {input.base} "
-        "--tokens $(dirname {input.tokens}) --out results/runs/{wildcards.run} > {log} 2>&1"
+        "--tokens $(dirname {input.tokens}) --out results/runs/{wildcards.run} >> {log} 2>&1"
