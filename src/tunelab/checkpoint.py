@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from tunelab.artifacts import atomic_dir, read_json, write_json
-from tunelab.config import TrainConfig
+from tunelab.config import BOOKKEEPING, TrainConfig
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # scancel / preemption, and SLURM's `--signal=USR1@<seconds>`
@@ -38,7 +38,7 @@ FILES = ("weights.pt", "optimizer.pt", "trainer.pt", "progress.json")
 def fingerprint(train: TrainConfig, base: str, tokens: Path) -> str:
     """What a checkpoint must share with the run that resumes it: the settings (checkpointing and
     logging aside), the base model and the training tokens' bytes."""
-    settings = train.model_dump(exclude={"checkpoint_every", "checkpoint_keep", "log_every", "profile"})
+    settings = train.model_dump(exclude=BOOKKEEPING | {"profile"})
     digest = hashlib.sha256(json.dumps([settings, str(base)], sort_keys=True).encode())
     digest.update(_file_digest(tokens).encode())
     return digest.hexdigest()[:16]

@@ -139,6 +139,10 @@ class TrainConfig(Frozen):
         return self
 
 
+# TrainConfig fields that change how a run is logged and checkpointed, never its result
+BOOKKEEPING = frozenset({"checkpoint_every", "checkpoint_keep", "log_every"})
+
+
 class GenerationConfig(Frozen):
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(16, gt=0)

@@ -3,7 +3,7 @@ import re
 
 from snakemake.exceptions import WorkflowError
 
-from tunelab.config import check_runtime, load_study
+from tunelab.config import BOOKKEEPING, check_runtime, load_study
 from tunelab.errors import TunelabError
 
 STUDY_FILE = config.get("study", "config.yaml")
@@ -54,9 +54,6 @@ def trained_model(wildcards):
 def merged_source(wildcards):
     """The merged model an export quantizes."""
     return rules.merge.output.merged.format(run=EXPORTS[wildcards.run][0])
-
-
-BOOKKEEPING = {"checkpoint_every", "checkpoint_keep", "log_every"}  # settings that don't change a run's result
 
 
 def train_settings(wildcards):
