@@ -2,7 +2,8 @@
 slurmdbd, slurmctld, slurmd), then `snakemake --profile profiles/slurm` runs studies/tiny.yaml in a copy of the
 repository. Every job must have gone through sbatch and completed according to sacct, and the report must have
 the rows and columns of a local run of the same study. Needs root (it installs Debian packages and starts
-daemons); skipped only without root or when apt cannot reach its mirror. About 4 minutes on 2 CPUs.
+daemons); skipped only without root or when apt cannot reach its mirror. 6 minutes on an otherwise quiet 2-CPU
+machine (packages already installed; apt adds about 20 s), 9-11 minutes beside other test runs.
 """
 
 from __future__ import annotations
