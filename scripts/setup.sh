@@ -7,8 +7,11 @@ stamp=.venv/.tunelab-installed
 if [ -x .venv/bin/tunelab ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt envs/constraints-cpu.txt ]; then
   exit 0
 fi
+pip_install() {  # this machine's pip.conf names local indexes that may be absent: drop pip's notes about them
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" 2> >(grep -v 'is ignored: it is neither' >&2)
+}
 python3 -m venv .venv
-.venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -c envs/constraints-cpu.txt -e '.[train,workflow,dev]'
+pip_install torch==2.13.0
+pip_install -c envs/constraints-cpu.txt -e '.[train,workflow,dev]'
 .venv/bin/python -m pip check
 touch "$stamp"
