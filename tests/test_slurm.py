@@ -1,9 +1,9 @@
 """The tiny study through a real SLURM: scripts/slurm-up.sh brings up a single-node cluster (munge, MariaDB,
 slurmdbd, slurmctld, slurmd), then `snakemake --profile profiles/slurm` runs studies/tiny.yaml in a copy of the
 repository. Every job must have gone through sbatch and completed according to sacct, and the report must have
-the rows and columns of a local run of the same study. Needs root (it installs Debian packages and starts
-daemons); skipped only without root or when apt cannot reach its mirror. 6 minutes on an otherwise quiet 2-CPU
-machine (packages already installed; apt adds about 20 s), 9-11 minutes beside other test runs.
+the rows and columns of the suite's local run of the same study (conftest.py's tiny_study). Needs root (it
+installs Debian packages and starts daemons); skipped only without root or when apt cannot reach its mirror.
+About 5 minutes on a quiet 2-CPU machine besides the shared local run (apt adds about 20 s the first time).
 """
 
 from __future__ import annotations
@@ -87,22 +87,14 @@ def cluster():
         subprocess.run(["bash", "scripts/slurm-down.sh"], cwd=REPO, check=True, timeout=120)
 
 
-def test_tiny_study_runs_through_slurm(cluster, tmp_path):
-    local, on_slurm = copy_repo(tmp_path / "local"), copy_repo(tmp_path / "slurm")
+def test_tiny_study_runs_through_slurm(cluster, tiny_study, tmp_path):
+    on_slurm = copy_repo(tmp_path / "slurm")
     expected_jobs = planned_jobs(on_slurm)
-    # The local run for comparison, meanwhile: the SLURM run spends most of its time waiting for status polls.
-    with open(tmp_path / "local.log", "w") as local_log:
-        local_run = subprocess.Popen(["snakemake", "--cores", "2", "--config", f"study={STUDY}"], cwd=local,
-                                     env=_environment(local), stdout=local_log, stderr=subprocess.STDOUT)
-        try:
-            # SIGINT, not SIGTERM: snakemake ignores SIGTERM while it waits for SLURM jobs (slurm-snakemake-dvc.md).
-            # This machine has no Apptainer (neither Debian 12 nor PyPI has one): env-modules replaces the
-            # profile's deployment method with one no rule uses, so each command runs in this environment.
-            run(["timeout", "-s", "INT", "-k", "30", "900", "snakemake", "--profile", "profiles/slurm",
-                 "--software-deployment-method", "env-modules", "--config", f"study={STUDY}"], on_slurm, timeout=960)
-        finally:
-            local_status = local_run.wait(timeout=900)
-    assert local_status == 0, (tmp_path / "local.log").read_text()[-6000:]
+    # SIGINT, not SIGTERM: snakemake ignores SIGTERM while it waits for SLURM jobs (slurm-snakemake-dvc.md).
+    # This machine has no Apptainer (neither Debian 12 nor PyPI has one): env-modules replaces the profile's
+    # deployment method with one no rule uses, so each command runs in this environment.
+    run(["timeout", "-s", "INT", "-k", "30", "900", "snakemake", "--profile", "profiles/slurm",
+         "--software-deployment-method", "env-modules", "--config", f"study={STUDY}"], on_slurm, timeout=960)
 
     logs = sorted((on_slurm / ".snakemake/slurm_logs").rglob("*.log"))
     jobs = {log.stem: log.relative_to(on_slurm / ".snakemake/slurm_logs").parts[0].removeprefix("rule_")
@@ -117,7 +109,7 @@ def test_tiny_study_runs_through_slurm(cluster, tmp_path):
     assert {state for state, _ in states.values()} == {"COMPLETED"}, states
     assert len({name for _, name in states.values()}) == 1, "all jobs should carry the one run's job name"
 
-    local_columns, local_rows = read_summary(local)
+    local_columns, local_rows = read_summary(tiny_study)  # the suite's local run of the tiny study (conftest)
     slurm_columns, slurm_rows = read_summary(on_slurm)
     assert slurm_columns == local_columns
     assert [row["run"] for row in slurm_rows] == [row["run"] for row in local_rows]
