@@ -10,5 +10,7 @@ rule base:
     threads: 2
     container:
         CPU_IMAGE
+    conda:
+        CPU_ENV
     shell:
         "tunelab base --config {STUDY_FILE} --model {wildcards.model} --data $(dirname {input.train}) --out {output} > {log} 2>&1"

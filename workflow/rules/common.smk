@@ -9,7 +9,8 @@ from tunelab.errors import TunelabError
 STUDY_FILE = config.get("study", "config.yaml")
 try:
     STUDY = load_study(STUDY_FILE)
-    check_runtime(STUDY)
+    if not workflow.deployment_settings.deployment_method:  # jobs run in this environment: check it now
+        check_runtime(STUDY)  # (in an image or conda env, `tunelab train` checks it inside the job)
 except TunelabError as err:
     raise WorkflowError(f"invalid study config:\n{err}") from None
 
@@ -79,6 +80,9 @@ PREEMPTIBLE = "--signal=USR1@300 --requeue"
 # Apptainer images (containers/*.def, built with `apptainer build`); used under --sdm apptainer only.
 TRAIN_IMAGE = "containers/train.sif"
 CPU_IMAGE = "containers/cpu.sif"
+# Their conda equivalents (envs/*.yaml, same locked versions), used under --sdm conda only.
+TRAIN_ENV = "../../envs/tunelab-gpu.yaml"
+CPU_ENV = "../../envs/tunelab-cpu.yaml"
 
 
 def model_size(model):

@@ -10,5 +10,7 @@ rule data:
         "results/logs/data.log",
     container:
         CPU_IMAGE
+    conda:
+        CPU_ENV
     shell:
         "tunelab data --config {STUDY_FILE} --out $(dirname {output.train}) > {log} 2>&1"

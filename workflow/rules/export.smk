@@ -16,6 +16,8 @@ rule export:
         runtime=sized("merge"),
     container:
         TRAIN_IMAGE
+    conda:
+        TRAIN_ENV
     shell:
         "tunelab export --config {STUDY_FILE} --run {wildcards.run} --merged {input.merged} "
         "--out results/runs/{wildcards.run} > {log} 2>&1"

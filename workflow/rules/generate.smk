@@ -17,6 +17,8 @@ rule generate:
         runtime=sized("generate"),
     container:
         TRAIN_IMAGE
+    conda:
+        TRAIN_ENV
     shell:
         "tunelab generate --config {STUDY_FILE} --run {wildcards.run} --base {input.base} --data $(dirname {input.test}) "
         "--tokens $(dirname {input.tokens}) --out results/runs/{wildcards.run} > {log} 2>&1"

@@ -15,6 +15,8 @@ rule merge:
         runtime=sized("merge"),
     container:
         TRAIN_IMAGE
+    conda:
+        TRAIN_ENV
     shell:
         "tunelab merge --config {STUDY_FILE} --run {wildcards.run} --tokens $(dirname {input.tokens}) "
         "--out results/runs/{wildcards.run} > {log} 2>&1"

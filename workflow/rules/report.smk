@@ -16,5 +16,7 @@ rule report:
         "results/logs/report.log",
     container:
         CPU_IMAGE
+    conda:
+        CPU_ENV
     shell:
         "tunelab report --config {STUDY_FILE} --runs results/runs --out results/report > {log} 2>&1"

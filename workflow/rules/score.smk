@@ -10,6 +10,8 @@ rule score:
         "results/runs/{run}/logs/score.log",
     container:
         CPU_IMAGE
+    conda:
+        CPU_ENV
     shell:
         "tunelab score --config {STUDY_FILE} --generations {input.generations} "
         "--out results/runs/{wildcards.run} > {log} 2>&1"

@@ -15,6 +15,8 @@ rule tokenize:
         "results/logs/tokenize/{model}.log",
     container:
         CPU_IMAGE
+    conda:
+        CPU_ENV
     shell:
         "tunelab tokenize --config {STUDY_FILE} --base {input.base} --data $(dirname {input.train}) "
         "--out $(dirname {output.train}) > {log} 2>&1"

@@ -19,6 +19,8 @@ rule train:
         slurm_extra=PREEMPTIBLE,
     container:
         TRAIN_IMAGE
+    conda:
+        TRAIN_ENV
     # `>>`: a job resumed from its checkpoints keeps the log of the interrupted attempt
     shell:
         "tunelab train --config {STUDY_FILE} --run {wildcards.run} --base {input.base} "
