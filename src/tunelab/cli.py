@@ -67,6 +67,8 @@ def _generate(study: Study, args) -> None:
             instructions += [line for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not instructions:
             raise TunelabError("generate --model needs --prompt TEXT or --prompts FILE")
+        if not args.model_dir.is_dir():
+            raise TunelabError(f"generate --model {args.model_dir}: no such model directory")
         for instruction, answer in zip(instructions, generate_answers(args.model_dir, instructions, study.generation)):
             print(json.dumps({"instruction": instruction, "answer": answer}, ensure_ascii=False))
         return
