@@ -47,7 +47,7 @@ def run_export(merged: Path, export_format: str, prune_amount: float, out: Path)
                                                          device_map={"": str(modeling.device())})
         quantized.save_pretrained(target)
         tokenizer.save_pretrained(target)
-    size = sum(f.stat().st_size for f in (out / "model").glob("*.safetensors"))
+    size = modeling.weights_size(out / "model")
     report = {"format": export_format, "source": str(merged), "size_bytes": size, "sparsity": sparsity,
               "prune_amount": prune_amount if export_format == "pruned_int8" else None}
     write_json(out / "export.json", report)

@@ -42,7 +42,7 @@ def run_merge(run_dir: Path, tokens_dir: Path) -> dict:
     with atomic_dir(run_dir / "merged") as out:
         merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
-    size = sum(f.stat().st_size for f in (run_dir / "merged").glob("*.safetensors"))
+    size = modeling.weights_size(run_dir / "merged")
     report = {"method": train.method, "quantization": train.quantization, "dtype": "bfloat16",
               "max_logit_difference_vs_trained": difference, "size_bytes": size}
     write_json(run_dir / "merge.json", report)

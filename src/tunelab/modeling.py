@@ -59,6 +59,11 @@ def build_tiny_model(settings: TinyModelConfig, tokenizer: PreTrainedTokenizerFa
     return Qwen2ForCausalLM(config)
 
 
+def weights_size(model_dir: Path) -> int:
+    """Bytes of a saved model's weights (its safetensors shards) on disk."""
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+
+
 def base_path(base_dir: Path) -> str:
     """Where the base stage put (or found) the weights: a local directory or a hub id."""
     return read_json(Path(base_dir) / "base.json")["path"]

@@ -135,8 +135,13 @@ def _verdict(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _shown_columns(rows: list[dict]) -> list[str]:
+    """The columns that at least one row fills."""
+    return [c for c in COLUMNS if any(row.get(c) not in (None, "") for row in rows)]
+
+
 def _markdown(study: Study, rows: list[dict], verdict: list[str]) -> str:
-    shown = [c for c in COLUMNS if any(row.get(c) not in (None, "") for row in rows)]
+    shown = _shown_columns(rows)
     lines = [f"# Study {study.name}", "", *verdict, "", "| " + " | ".join(shown) + " |",
              "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_format(row.get(c)) for c in shown) + " |" for row in rows]
@@ -149,7 +154,7 @@ def _markdown(study: Study, rows: list[dict], verdict: list[str]) -> str:
 
 def _html(study: Study, rows: list[dict], verdict: list[str], figures: dict[str, bytes]) -> str:
     """One self-contained page: the table and the plots inlined as data URIs."""
-    shown = [c for c in COLUMNS if any(row.get(c) not in (None, "") for row in rows)]
+    shown = _shown_columns(rows)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in shown)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_format(row.get(c)))}</td>" for c in shown) + "</tr>"
                    for row in rows)
