@@ -12,11 +12,12 @@ from tunelab.bench import main
 
 def test_bench_runs_both_sides_on_a_tiny_model(tmp_path, capsys):
     status = main(["--arch", "tiny", "--method", "lora", "--quantization", "none", "--attention", "sdpa",
-                   "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--model-root", str(tmp_path / "models"),
+                   "--steps", "2", "--repeat", "2", "--batch-size", "2", "--seq-len", "32", "--model-root", str(tmp_path / "models"),
                    "--out", str(tmp_path / "out")])
     assert status == 0
-    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
-    assert [row["name"] for row in rows] == ["tiny lora none sdpa"]
+    bench = json.loads((tmp_path / "out" / "bench.json").read_text())
+    rows = bench["rows"]
+    assert [row["name"] for row in rows] == ["tiny lora none sdpa"] * 2
     for side in ("tunelab", "baseline"):
         result = rows[0][side]
         assert "error" not in result, result.get("error")
@@ -24,4 +25,8 @@ def test_bench_runs_both_sides_on_a_tiny_model(tmp_path, capsys):
         assert len(result["losses"]) == 2 and all(math.isfinite(loss) for loss in result["losses"])
         assert result["trainable_parameters"] > 0
     assert rows[0]["tunelab"]["trainable_parameters"] == rows[0]["baseline"]["trainable_parameters"]
-    assert "| tiny lora none sdpa |" in capsys.readouterr().out
+    [pooled] = bench["pooled"]  # the repeated case once, from both runs' step periods
+    assert pooled["runs"] == 2 and pooled["run_ratios"] == [row["speed_ratio"] for row in rows]
+    assert pooled["tunelab_tokens_per_second"] > 0 and pooled["baseline_tokens_per_second"] > 0
+    printed = capsys.readouterr().out
+    assert "| tiny lora none sdpa |" in printed and "| tiny lora none sdpa | 2 |" in printed

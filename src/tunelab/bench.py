@@ -85,8 +85,10 @@ def run_bench(cases: list[Case], *, steps: int, batch_size: int, seq_len: int, m
         if out:  # after every case, so a run cut short at its time limit still leaves its numbers
             write_json(out / "bench.json", {"environment": environment(device), "settings": dict(
                 steps=steps, batch_size=batch_size, seq_len=seq_len, lora=LORA.model_dump(), adalora=ADALORA,
-                learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM), "rows": rows})
+                learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM), "rows": rows, "pooled": pooled(rows)})
     print(table(rows, environment(device)))
+    if len(set(row["name"] for row in rows)) < len(rows):
+        print(pooled_table(rows))
     return rows
 
 
@@ -136,7 +138,8 @@ def _measure(side: str, path: Path, case: Case, examples: list[dict], *, steps: 
     periods = [after - before for before, after in zip(stamps[warmup - 1:], stamps[warmup:])]
     if "error" not in result and periods:
         result["step_seconds"] = periods
-        result["tokens_per_second"] = batch_size * len(examples[0]["input_ids"]) / statistics.median(periods)
+        result["tokens_per_step"] = batch_size * len(examples[0]["input_ids"])
+        result["tokens_per_second"] = result["tokens_per_step"] / statistics.median(periods)
     result["start_allocated_gib"] = start_allocated
     return result
 
@@ -276,6 +279,36 @@ def table(rows: list[dict], env: dict) -> str:
         fit = row.get("tunelab", {}).get("fit_tokens_per_second")
         lines.append(f"| {row['name']} | {ours[0]} | {theirs[0]} | {speed} | {ours[1]} | {theirs[1]} | {memory} "
                      f"| {f'{fit:,.0f}' if fit else ''} | {ours[2]} / {theirs[2]} |")
+    return "\n".join(lines)
+
+
+def pooled(rows: list[dict]) -> list[dict]:
+    """Each repeated case once: tokens/s from the median of every run's measured step periods, per side, and
+    the spread of the runs' own ratios (a repeated case on a host-bound size drifts with the host)."""
+    by_name: dict[str, list[dict]] = {}
+    for row in rows:
+        if "speed_ratio" in row:
+            by_name.setdefault(row["name"], []).append(row)
+    summary = []
+    for name, runs in by_name.items():
+        speed = {side: runs[0][side]["tokens_per_step"] / statistics.median(
+                     [period for run in runs for period in run[side]["step_seconds"]])
+                 for side in ("tunelab", "baseline")}
+        ratios = [run["speed_ratio"] for run in runs]
+        summary.append({"name": name, "runs": len(runs), **{f"{side}_tokens_per_second": speed[side] for side in speed},
+                        "speed_ratio": speed["tunelab"] / speed["baseline"], "run_ratios": ratios,
+                        "memory_ratio": max(run["memory_ratio"] for run in runs)})
+    return summary
+
+
+def pooled_table(rows: list[dict]) -> str:
+    lines = ["", "Pooled over repeats:", "",
+             "| config | runs | tunelab tok/s | baseline tok/s | speed ratio | run ratios (min-max) | memory ratio |",
+             "|---|---:|---:|---:|---:|---|---:|"]
+    for item in pooled(rows):
+        lines.append(f"| {item['name']} | {item['runs']} | {item['tunelab_tokens_per_second']:,.0f} "
+                     f"| {item['baseline_tokens_per_second']:,.0f} | {item['speed_ratio']:.3f} "
+                     f"| {min(item['run_ratios']):.2f}-{max(item['run_ratios']):.2f} | {item['memory_ratio']:.3f} |")
     return "\n".join(lines)
 
 
