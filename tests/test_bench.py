@@ -12,13 +12,13 @@ from tunelab.bench import main
 
 def test_bench_runs_both_sides_on_a_tiny_model(tmp_path, capsys):
     status = main(["--arch", "tiny", "--method", "lora", "--quantization", "none", "--attention", "sdpa",
-                   "--steps", "2", "--repeat", "2", "--batch-size", "2", "--seq-len", "32", "--model-root", str(tmp_path / "models"),
+                   "--steps", "2", "--repeat", "2", "--control", "--batch-size", "2", "--seq-len", "32", "--model-root", str(tmp_path / "models"),
                    "--out", str(tmp_path / "out")])
     assert status == 0
     bench = json.loads((tmp_path / "out" / "bench.json").read_text())
     rows = bench["rows"]
     assert [row["name"] for row in rows] == ["tiny lora none sdpa"] * 2
-    for side in ("tunelab", "baseline"):
+    for side in ("tunelab", "baseline", "control"):
         result = rows[0][side]
         assert "error" not in result, result.get("error")
         assert result["tokens_per_second"] > 0 and result["fit_tokens_per_second"] > 0
@@ -28,5 +28,6 @@ def test_bench_runs_both_sides_on_a_tiny_model(tmp_path, capsys):
     [pooled] = bench["pooled"]  # the repeated case once, from both runs' step periods
     assert pooled["runs"] == 2 and pooled["run_ratios"] == [row["speed_ratio"] for row in rows]
     assert pooled["tunelab_tokens_per_second"] > 0 and pooled["baseline_tokens_per_second"] > 0
+    assert pooled["control_run_ratios"] == [row["control_ratio"] for row in rows] and pooled["control_ratio"] > 0
     printed = capsys.readouterr().out
     assert "| tiny lora none sdpa |" in printed and "| tiny lora none sdpa | 2 |" in printed

@@ -3,11 +3,13 @@
 For each architecture x method x quantization x attention it trains one random-weight model (real Qwen2.5
 shapes) for the same steps at the same shapes (batch x seq_len tokens, no padding; LoRA r=16 on all seven
 projections; gradient checkpointing; bf16) twice in this process: through tunelab (`modeling.load_model`,
-`train.attach_method`, `train.fit`) and through `_baseline` below, alternating which side goes first, each
+`train.attach_method`, `train.fit`) and through `_baseline` below, rotating which side goes first, each
 from a fresh device state (memory freed, cache emptied, peak stats reset). tokens/s comes from one clock
 for both sides (the median period between optimizer steps after 3 warm-up steps; fit's own figure is kept
 beside it), and peak allocated memory counts from the start of the loop (weights included, model loading
-not). Prints one markdown table and writes `<out>/bench.json`.
+not). Prints one markdown table and writes `<out>/bench.json`. With `--repeat`, a second table pools each
+case's runs; with `--control`, the plain loop also runs a second time per case, and its ratio to the first
+(same code) shows how far the host's noise alone moves a ratio.
 
 Run: `python -m tunelab.bench --arch qwen2.5-1.5b qwen2.5-7b --out results/bench` (see BENCHMARKS.md).
 """
@@ -76,7 +78,8 @@ def run_bench(cases: list[Case], *, steps: int, batch_size: int, seq_len: int, m
         path = build_model(case.arch, model_root, device)
         examples = synthetic_examples(ARCHITECTURES[case.arch]["vocab_size"], steps * batch_size, seq_len)
         repetition = cases[:index].count(case)  # a repeated case goes first on the other side next time
-        order = sides if (index + repetition) % 2 == 0 else sides[::-1]
+        shift = (index + repetition) % len(sides)
+        order = sides[shift:] + sides[:shift]
         for side in order:
             row[side] = _measure(side, path, case, examples, steps=steps, batch_size=batch_size, device=device)
         row.update(_ratios(row))
@@ -126,7 +129,7 @@ def _measure(side: str, path: Path, case: Case, examples: list[dict], *, steps: 
     stamps = []
     hook = register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
     try:
-        runner = _tunelab if side == "tunelab" else _baseline
+        runner = _tunelab if side == "tunelab" else _baseline  # "control" is the plain loop run once more
         result = runner(path, case, examples, steps=steps, batch_size=batch_size, device=device)
     except Exception as err:  # one failing case (say, out of memory) must not lose the rest of the matrix
         traceback.print_exc()
@@ -244,8 +247,11 @@ def _ratios(row: dict) -> dict:
     ours, theirs = row.get("tunelab", {"error": ""}), row.get("baseline", {"error": ""})
     if "error" in ours or "error" in theirs:
         return {}
-    return {"speed_ratio": ours["tokens_per_second"] / theirs["tokens_per_second"],
-            "memory_ratio": ours["peak_memory_gib"] / theirs["peak_memory_gib"]}
+    ratios = {"speed_ratio": ours["tokens_per_second"] / theirs["tokens_per_second"],
+              "memory_ratio": ours["peak_memory_gib"] / theirs["peak_memory_gib"]}
+    if "tokens_per_second" in row.get("control", {}):  # the same plain loop against itself: the noise floor
+        ratios["control_ratio"] = row["control"]["tokens_per_second"] / theirs["tokens_per_second"]
+    return ratios
 
 
 def _cells(result: dict | None) -> tuple[str, str, str]:
@@ -260,7 +266,7 @@ def _cells(result: dict | None) -> tuple[str, str, str]:
 
 def _line(row: dict) -> str:
     return " | ".join(f"{side} {' tok/s, '.join(_cells(row[side])[:2])} GiB, loss {_cells(row[side])[2]}"
-                      for side in ("tunelab", "baseline") if side in row)
+                      for side in ("tunelab", "baseline", "control") if side in row)
 
 
 def table(rows: list[dict], env: dict) -> str:
@@ -294,21 +300,31 @@ def pooled(rows: list[dict]) -> list[dict]:
         speed = {side: runs[0][side]["tokens_per_step"] / statistics.median(
                      [period for run in runs for period in run[side]["step_seconds"]])
                  for side in ("tunelab", "baseline")}
-        ratios = [run["speed_ratio"] for run in runs]
-        summary.append({"name": name, "runs": len(runs), **{f"{side}_tokens_per_second": speed[side] for side in speed},
-                        "speed_ratio": speed["tunelab"] / speed["baseline"], "run_ratios": ratios,
-                        "memory_ratio": max(run["memory_ratio"] for run in runs)})
+        item = {"name": name, "runs": len(runs), **{f"{side}_tokens_per_second": speed[side] for side in speed},
+                "speed_ratio": speed["tunelab"] / speed["baseline"],
+                "run_ratios": [run["speed_ratio"] for run in runs],
+                "memory_ratio": max(run["memory_ratio"] for run in runs)}
+        if all("control_ratio" in run for run in runs):
+            control = runs[0]["control"]["tokens_per_step"] / statistics.median(
+                [period for run in runs for period in run["control"]["step_seconds"]])
+            item.update(control_ratio=control / speed["baseline"],
+                        control_run_ratios=[run["control_ratio"] for run in runs])
+        summary.append(item)
     return summary
 
 
 def pooled_table(rows: list[dict]) -> str:
-    lines = ["", "Pooled over repeats:", "",
-             "| config | runs | tunelab tok/s | baseline tok/s | speed ratio | run ratios (min-max) | memory ratio |",
-             "|---|---:|---:|---:|---:|---|---:|"]
+    lines = ["", "Pooled over repeats (control: the plain loop run again, against itself):", "",
+             "| config | runs | tunelab tok/s | baseline tok/s | speed ratio | run ratios (min-max) | memory ratio "
+             "| control ratio | control run ratios (min-max) |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---|"]
     for item in pooled(rows):
+        control = (f"{item['control_ratio']:.3f} | {min(item['control_run_ratios']):.2f}-"
+                   f"{max(item['control_run_ratios']):.2f}") if "control_ratio" in item else " | "
         lines.append(f"| {item['name']} | {item['runs']} | {item['tunelab_tokens_per_second']:,.0f} "
                      f"| {item['baseline_tokens_per_second']:,.0f} | {item['speed_ratio']:.3f} "
-                     f"| {min(item['run_ratios']):.2f}-{max(item['run_ratios']):.2f} | {item['memory_ratio']:.3f} |")
+                     f"| {min(item['run_ratios']):.2f}-{max(item['run_ratios']):.2f} | {item['memory_ratio']:.3f} "
+                     f"| {control} |")
     return "\n".join(lines)
 
 
@@ -337,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the random-weight models are saved once")
     parser.add_argument("--repeat", type=int, default=1, help="run the whole matrix this many times, alternating")
     parser.add_argument("--sides", nargs="+", choices=["tunelab", "baseline"], default=["tunelab", "baseline"])
+    parser.add_argument("--control", action="store_true",
+                        help="also run the plain loop a second time per case: its ratio to the first is the noise floor")
     parser.add_argument("--try-skipped", action="store_true", help="run the cases SKIPS leaves out (7B full)")
     parser.add_argument("--out", type=Path, help="directory for bench.json")
     args = parser.parse_args(argv)
@@ -346,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = [Case(a, m, q, t) for a in args.arch for m in args.method for q in args.quantization
              for t in args.attention if not (m == "full" and q != "none")] * args.repeat
     run_bench(cases, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, model_root=args.model_root,
-              out=args.out, sides=tuple(args.sides), skips={} if args.try_skipped else SKIPS)
+              out=args.out, sides=tuple(args.sides) + (("control",) if args.control else ()),
+              skips={} if args.try_skipped else SKIPS)
     return 0
 
 
