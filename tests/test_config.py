@@ -24,8 +24,9 @@ def write_study(tmp_path, **changes) -> str:
 def test_real_config_expands_its_grid():
     study = load_study(REPO / "config.yaml")
     names = [r.name for r in study.runs]
-    assert len(names) == 15 and len(set(names)) == 15
+    assert len(names) == 16 and len(set(names)) == 16
     assert "qwen7b-adalora-nf4" in names and "qwen1.5b-lora-flash_attention_2" in names
+    assert study.run("qwen1.5b-lora-packed").train.packing and not study.run("qwen1.5b-lora-none").train.packing
     qlora = study.run("qwen7b-lora-nf4")
     assert (qlora.model, qlora.train.method, qlora.train.quantization) == ("qwen7b", "lora", "nf4")
     assert qlora.train.precision == "bf16" and qlora.train.lora.r == 16  # study defaults reach every run

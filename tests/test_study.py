@@ -26,8 +26,8 @@ def test_report_has_one_filled_row_per_run(tiny_study):
         for column in ("bleu", "rouge_l", "bertscore_f1", "test_loss", "latency_seconds_mean"):
             assert row[column] != "", f"{row['run']}: {column} is empty"
     for row in rows[1:len(RUNS)]:
-        for column in ("trainable_parameters", "train_tokens_per_second", "peak_memory_gib", "train_wall_seconds",
-                       "bleu_delta_vs_base", "bertscore_f1_delta_vs_base"):
+        for column in ("trainable_parameters", "train_tokens_per_second", "padding_fraction", "peak_memory_gib",
+                       "train_wall_seconds", "bleu_delta_vs_base", "bertscore_f1_delta_vs_base"):
             assert row[column] != "", f"{row['run']}: {column} is empty"
         assert 0 <= float(row["bleu"]) <= 100 and 0 <= float(row["bertscore_f1"]) <= 1
 

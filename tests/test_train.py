@@ -7,6 +7,7 @@ import torch
 
 from tunelab import modeling
 from tunelab.artifacts import read_json, read_jsonl
+from tunelab.batches import collate, label_tokens, pack
 from tunelab.config import Run, TrainConfig
 from tunelab.errors import TunelabError
 from tunelab.train import attach_method, fit, run_train
@@ -89,6 +90,39 @@ def test_accumulating_4x2_equals_1x8(tiny_base, tiny_tokens):
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
         torch.testing.assert_close(weights[0][name], weights[1][name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_a_packed_row_gives_the_padded_loss(tiny_base, tiny_tokens, attention):
+    """Attention stays within each packed example and positions restart: same loss as the padded batch. The
+    same row with positions running on (as if one long example) must differ, or the test could not tell."""
+    examples = read_jsonl(tiny_tokens / "tokens" / "train.jsonl")[:6]
+    assert len({len(e["input_ids"]) for e in examples}) > 1, "examples of different lengths"
+    model = model_for(tiny_base, settings(attention=attention)).eval()
+    padded, packed = collate(examples, modeling.load_tokenizer(tiny_base).pad_token_id), pack(examples)
+    assert packed["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
+    assert label_tokens(packed) == label_tokens(padded)
+    with torch.no_grad():
+        losses = [float(model(**batch, use_cache=False).loss) for batch in (padded, packed)]
+        running_on = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1])[None])
+        leaked = float(model(**running_on, use_cache=False).loss)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert abs(leaked - losses[0]) > 1e-3
+
+
+def test_packing_trains_the_padded_update_without_padding(tiny_base, tiny_tokens):
+    examples = read_jsonl(tiny_tokens / "tokens" / "train.jsonl")
+    pad = modeling.load_tokenizer(tiny_base).pad_token_id
+    weights, padding = [], []
+    for packing in (False, True):
+        train = settings(method="lora", max_steps=3, packing=packing, group_by_length=False, lora={"dropout": 0.0},
+                         eval_every=3)
+        model = model_for(tiny_base, train)
+        padding.append(fit(model, examples, examples[:8], train, pad)["padding_fraction"])
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert padding[0] > 0 and padding[1] == 0
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], atol=1e-5, rtol=1e-4)
 
 
 def test_nan_loss_stops_the_run(tiny_base, tiny_tokens):

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler
+from transformers import DataCollatorWithFlattening
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -30,12 +31,30 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def training_batches(examples: list[dict], batch_size: int, pad_id: int, *, seed: int,
-                     group_by_length: bool) -> Iterator[dict[str, torch.Tensor]]:
+def pack(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Concatenate examples into one row with no padding (transformers' DataCollatorWithFlattening).
+
+    position_ids restart at 0 for every example, and attention stays within each example: flash-attn runs
+    its variable-length kernel, and for sdpa/eager transformers builds the block-diagonal causal mask from
+    the restarting position ids, which it does only without an attention_mask and without a KV cache: call
+    the model with `use_cache=False`. The first label of each example is ignored, so no token is predicted
+    across a boundary.
+    """
+    return DataCollatorWithFlattening()([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of the batch that are not padding."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def training_batches(examples: list[dict], batch_size: int, pad_id: int, *, seed: int, group_by_length: bool,
+                     packing: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Endless shuffled batches, epoch after epoch, the same for the same seed.
 
     With `group_by_length`, transformers' LengthGroupedSampler puts examples of similar length together,
-    which cuts the padded share of each batch.
+    which cuts the padded share of each batch; with `packing`, each batch is one padding-free row (`pack`).
     """
     generator = torch.Generator().manual_seed(seed)
     if group_by_length:
@@ -44,7 +63,7 @@ def training_batches(examples: list[dict], batch_size: int, pad_id: int, *, seed
     else:
         sampler = RandomSampler(examples, generator=generator)
     loader = DataLoader(examples, batch_size=batch_size, sampler=sampler,
-                        collate_fn=lambda batch: collate(batch, pad_id))
+                        collate_fn=pack if packing else lambda batch: collate(batch, pad_id))
     return itertools.chain.from_iterable(loader for _ in itertools.count())
 
 
@@ -68,7 +87,7 @@ def mean_loss(model, examples: list[dict], batch_size: int, pad_id: int, autocas
         batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
         tokens = label_tokens(batch)
         with autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         logits = logits.float()  # frees the half-precision logits before the loss: one vocab-sized copy less at peak
         loss = ForCausalLMLoss(logits, batch["labels"], logits.shape[-1], num_items_in_batch=tokens)
         del logits  # not held through the next batch's forward

@@ -116,6 +116,8 @@ class TrainConfig(Frozen):
     optimizer: Optimizer = "adamw_torch"
     gradient_checkpointing: bool = False
     group_by_length: bool = True
+    packing: bool = Field(False, description="each micro-batch as one padding-free row (position ids restart per "
+                                             "example; best with flash_attention_2)")
     eval_every: int = Field(25, gt=0, description="validation loss every N optimizer steps")
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(

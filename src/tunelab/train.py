@@ -25,7 +25,7 @@ from transformers import get_scheduler, set_seed
 
 from tunelab import modeling
 from tunelab.artifacts import atomic_dir, invalidate, read_jsonl, write_json, write_text
-from tunelab.batches import label_tokens, mean_loss, training_batches
+from tunelab.batches import label_tokens, mean_loss, real_tokens, training_batches
 from tunelab.checkpoint import Checkpoints, fingerprint
 from tunelab.config import Run, TrainConfig
 from tunelab.errors import TunelabError
@@ -94,7 +94,7 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
     scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
     autocast = modeling.autocast(train, device)
     batches = training_batches(train_examples, train.micro_batch_size, pad_id, seed=train.seed,
-                               group_by_length=train.group_by_length)
+                               group_by_length=train.group_by_length, packing=train.packing)
     profiler = _Profiler(profile_dir, train.profile, device) if profile_dir and train.profile.steps else None
     curves = {"loss": [], "validation_loss": [], "learning_rate": []}
     counted = {"tokens": 0, "padded": 0, "seconds": 0.0}
@@ -113,7 +113,7 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
         loss = 0.0
         for batch in micro_batches:
             with autocast():
-                micro_loss = model(**batch, num_items_in_batch=step_tokens).loss
+                micro_loss = model(**batch, use_cache=False, num_items_in_batch=step_tokens).loss
             scaler.scale(micro_loss).backward()
             loss += micro_loss.detach()  # read once the optimizer step is queued: the GPU never waits on it
         scaler.unscale_(optimizer)
@@ -132,8 +132,8 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
             if device.type == "cuda":
                 torch.cuda.synchronize()
             counted["seconds"] += time.perf_counter() - step_started
-            counted["tokens"] += sum(int(b["attention_mask"].sum()) for b in micro_batches)
-        counted["padded"] += sum(int((b["attention_mask"] == 0).sum()) for b in micro_batches)
+            counted["tokens"] += sum(real_tokens(b) for b in host_batches)
+        counted["padded"] += sum(b["input_ids"].numel() - real_tokens(b) for b in host_batches)
         curves["loss"].append([step, loss])
         curves["learning_rate"].append([step, scheduler.get_last_lr()[0]])
         if step % train.eval_every == 0 or step == train.max_steps:
