@@ -77,6 +77,12 @@ SIZES = {
 # KillWait (30 s) to save (measured on slurm 22.05, docs/cluster.md).
 PREEMPTIBLE = "--signal=USR1@300 --requeue"
 
+# Job groups: on a cluster (profiles/slurm) the jobs of one group that depend on each other go to SLURM as one
+# job, which runs them one after another; locally groups are ignored. "prepare" is data, base and tokenize (one
+# job for the whole study); "evaluate" is one run's [export,] generate and score (one job per run). The group
+# asks for the sum of its jobs' runtimes and the largest of their GPUs, memory and CPUs. train and merge stay
+# alone: a train job is long and preemptible, and merge feeds several exports.
+
 # Apptainer images (containers/*.def, built with `apptainer build`); used under --sdm apptainer only.
 TRAIN_IMAGE = "containers/train.sif"
 CPU_IMAGE = "containers/cpu.sif"
