@@ -22,6 +22,8 @@ if [ -s /run/mysqld/mysqld.pid ] && grep -qs tunelab-slurm "/proc/$(cat /run/mys
   stop mariadbd /run/mysqld/mysqld.pid
 fi
 [ -d /run/systemd/system ] || stop munged /run/munge/munged.pid
-# slurm.conf is a link to the repo's file, slurmdbd.conf a copy of it (slurmdbd wants it owned by slurm).
-case "$(readlink /etc/slurm/slurm.conf 2>/dev/null)" in */profiles/slurm/cluster/slurm.conf) rm -f /etc/slurm/slurm.conf ;; esac
+# slurm.conf and gres.conf are links to the repo's files, slurmdbd.conf a copy (slurmdbd wants it owned by slurm).
+for conf in slurm.conf gres.conf; do
+  case "$(readlink "/etc/slurm/$conf" 2>/dev/null)" in */profiles/slurm/cluster/"$conf") rm -f "/etc/slurm/$conf" ;; esac
+done
 grep -qs '^StoragePass=tunelab-local$' /etc/slurm/slurmdbd.conf && rm -f /etc/slurm/slurmdbd.conf

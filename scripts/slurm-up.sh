@@ -47,6 +47,7 @@ install -d -o slurm -g slurm "$STATE/ctld" "$LOG" "$RUN"
 install -d "$STATE/d"
 install -d /etc/slurm
 ln -sfn "$CLUSTER/slurm.conf" /etc/slurm/slurm.conf
+ln -sfn "$CLUSTER/gres.conf" /etc/slurm/gres.conf
 install -o slurm -g slurm -m 600 "$CLUSTER/slurmdbd.conf" /etc/slurm/slurmdbd.conf
 
 # munge: systemd's RuntimeDirectory would normally create /run/munge.

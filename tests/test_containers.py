@@ -1,13 +1,15 @@
 """The Apptainer definitions and their locks, checked without Apptainer (none for Debian 12 or on PyPI): each
 containers/*.def has the header and sections Apptainer needs, a base image pinned by digest and files that exist;
 every Python package in the hash-locked requirements is an exact version with hashes and satisfies pyproject.toml;
-the conda environments of envs/ pin the same versions and hashes; and every `container:` of the rules has a
-definition to build it from.
+the conda environments of envs/ pin the same versions and hashes; every `container:` of the rules has a
+definition to build it from; and the SLURM profile's apptainer command binds the Hugging Face cache.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+from snakemake.cli import parse_args
+from snakemake.deployment import singularity
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = {"setup", "files", "environment", "post", "runscript", "startscript", "test", "labels", "help",
@@ -155,3 +159,37 @@ def test_every_rule_container_has_a_definition():
     assert used == images.keys(), f"container: lines use {used}"
     for name in images.values():
         assert (REPO / f"containers/{name}.def").is_file()
+
+
+def apptainer_arguments(environment: dict[str, str]) -> list[str]:
+    """The arguments `apptainer` gets for a rule's job under profiles/slurm: the profile read by snakemake's own
+    command line parser, the command built by the function snakemake's shell() wraps a container job with, and
+    that command expanded by bash in `environment` as on a compute node. Apptainer itself cannot be installed
+    here, so a shell function in its place prints the arguments it was given."""
+    _, args = parse_args(["--profile", "profiles/slurm"])
+    command = singularity.shellcmd("containers/cpu.sif", "tunelab score --config config.yaml",
+                                   args=args.apptainer_args, shell_executable="/bin/bash")
+    print_arguments = "apptainer() { printf '%s\\0' \"$@\"; }; singularity() { apptainer \"$@\"; }; "
+    result = subprocess.run(["bash", "-c", print_arguments + command], env=environment, capture_output=True,
+                            text=True, check=True)
+    return result.stdout.split("\0")[:-1]
+
+
+def option_values(arguments: list[str], option: str) -> list[str]:
+    return [value for name, value in zip(arguments, arguments[1:]) if name == option]
+
+
+@pytest.mark.parametrize("hf_home", [None, "/shared/hf-cache"])
+def test_slurm_profile_binds_the_hugging_face_cache_into_the_image(monkeypatch, hf_home):
+    monkeypatch.chdir(REPO)  # the profile and the workflow profile are found from the repository root
+    environment = {"PATH": os.environ["PATH"], "HOME": "/home/alice", **({"HF_HOME": hf_home} if hf_home else {})}
+    cache = hf_home or "/home/alice/.cache/huggingface"  # huggingface_hub's default without HF_HOME
+
+    arguments = apptainer_arguments(environment)
+
+    assert arguments[:1] == ["exec"] and "--nv" in arguments
+    assert option_values(arguments, "--home") == [str(REPO)], "snakemake makes the working directory $HOME"
+    assert option_values(arguments, "--bind") == [cache]
+    assert option_values(arguments, "--env") == [f"HF_HOME={cache}"]
+    assert "--cleanenv" not in arguments and "-e" not in arguments, "the job's HF_*/TUNELAB_* must reach the image"
+    assert arguments[-4:] == ["containers/cpu.sif", "bash", "-c", "tunelab score --config config.yaml"]

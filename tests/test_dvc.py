@@ -2,7 +2,8 @@
 the tiny study through snakemake and `dvc push` uploads its results to the default local remote; a fresh clone
 then fetches just the report and the per-run results with the laptop command (`dvc pull` of results/report and
 the runs' JSON files, no weights) and `tunelab report` renders them. A second `dvc repro` with nothing changed
-runs no stage. About 2 minutes on 2 CPUs (the tiny study itself).
+runs no stage. About 2 minutes on 2 CPUs (the tiny study itself). The committed dvc.lock must record each stage it
+holds as dvc.yaml declares it now.
 """
 
 from __future__ import annotations
@@ -15,10 +16,45 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = "tiny/results"  # the tiny stage's out (dvc.yaml)
 REMOTE = "tunelab-dvc-remote"  # .dvc/config's default remote: ../tunelab-dvc-remote, beside the clone
+
+
+def _declared(items: list) -> list[str]:
+    """The paths of a dvc.yaml deps/outs list, whose entries are a path or {path: options}."""
+    return [item if isinstance(item, str) else next(iter(item)) for item in items]
+
+
+def _declared_params(items: list) -> dict[str, list[str]]:
+    """A dvc.yaml params list as file: keys (a bare key belongs to params.yaml)."""
+    params: dict[str, list[str]] = {}
+    for item in items:
+        for file, keys in ({"params.yaml": [item]} if isinstance(item, str) else item).items():
+            params.setdefault(file, []).extend(keys)
+    return params
+
+
+def lock_mismatches(pipeline: dict, lock: dict) -> list[str]:
+    """Where dvc.lock does not record a stage as dvc.yaml declares it: its cmd, deps and outs paths and params keys.
+    Hashes are left out: an edit of src/ changes them, and `dvc repro` refreshes them."""
+    mismatches = []
+    for name, locked in lock["stages"].items():
+        stage = pipeline["stages"].get(name)
+        if stage is None:
+            mismatches.append(f"stage {name}: in dvc.lock but not in dvc.yaml")
+            continue
+        declared = {"cmd": stage["cmd"], "deps": sorted(_declared(stage.get("deps", []))),
+                    "outs": sorted(_declared(stage.get("outs", []))),
+                    "params": {file: sorted(keys) for file, keys in _declared_params(stage.get("params", [])).items()}}
+        recorded = {"cmd": locked["cmd"], "deps": sorted(dep["path"] for dep in locked.get("deps", [])),
+                    "outs": sorted(out["path"] for out in locked.get("outs", [])),
+                    "params": {file: sorted(values) for file, values in locked.get("params", {}).items()}}
+        mismatches += [f"stage {name}: {key} is {declared[key]!r} in dvc.yaml but {recorded[key]!r} in dvc.lock"
+                       for key in declared if declared[key] != recorded[key]]
+    return mismatches
 
 
 def _environment(repo: Path) -> dict[str, str]:
@@ -45,6 +81,25 @@ def summary(path: Path) -> tuple[list[str], list[dict]]:
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
         return list(reader.fieldnames or []), list(reader)
+
+
+def test_committed_lock_records_the_stages_of_dvc_yaml():
+    assert subprocess.run(["git", "ls-files", "--error-unmatch", "dvc.lock"], cwd=REPO, capture_output=True
+                          ).returncode == 0, "dvc.lock should be committed (dvc repro tiny && git add dvc.lock)"
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())
+    assert "tiny" in lock["stages"], "the tiny stage is reproduced wherever the repository is (dvc repro tiny)"
+    assert all(out.get("md5") for stage in lock["stages"].values() for out in stage["outs"]), "outs without a hash"
+    assert lock_mismatches(pipeline, lock) == []
+
+
+def test_a_dvc_yaml_edit_without_a_fresh_lock_is_named():
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())
+    pipeline["stages"]["tiny"]["cmd"] += " --forceall"
+    pipeline["stages"]["tiny"]["params"][0]["studies/tiny.yaml"].remove("exports")
+    mismatches = lock_mismatches(pipeline, lock)
+    assert [mismatch.split(" is ")[0] for mismatch in mismatches] == ["stage tiny: cmd", "stage tiny: params"]
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,22 @@
 """The tiny study through a real SLURM: scripts/slurm-up.sh brings up a single-node cluster (munge, MariaDB,
-slurmdbd, slurmctld, slurmd), then `snakemake --profile profiles/slurm` runs studies/tiny.yaml in a copy of the
-repository. Every job must have gone through sbatch and completed according to sacct, and the report must have
-the rows and columns of the suite's local run of the same study (conftest.py's tiny_study). Needs root (it
-installs Debian packages and starts daemons); skipped only without root or when apt cannot reach its mirror.
-About 5 minutes on a quiet 2-CPU machine besides the shared local run (apt adds about 20 s the first time).
+slurmdbd, slurmctld, slurmd; two stand-in GPUs), then `snakemake --profile profiles/slurm` runs studies/tiny.yaml
+in a copy of the repository. Each job or job group that snakemake's dry run plans must have run as one sbatch job
+(its SLURM log lists exactly the planned jobs), completed according to sacct, and got the summed time limit and
+the largest memory and GPU count of its jobs; and the report must have the rows and columns of the suite's local
+run of the same study (conftest.py's tiny_study). Needs root (it installs Debian packages and starts daemons);
+skipped only without root or when apt cannot reach its mirror. About 4 minutes on a quiet 2-CPU machine besides
+the shared local run (apt adds about 20 s the first time).
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
-from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -51,18 +54,45 @@ def run(command: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProc
     return result
 
 
-def planned_jobs(repo: Path) -> Counter:
-    """Jobs per rule of the tiny study, from snakemake's dry run (`rule all` runs nothing)."""
-    plan = run(["snakemake", "--dry-run", "--config", f"study={STUDY}"], repo, timeout=120).stdout
-    table = plan[plan.index("Job stats:"):].split("\n")[3:]
-    jobs = Counter()
-    for line in table:
-        rule, count = line.split()
-        if rule == "total":
-            return jobs
-        if rule != "all":
-            jobs[rule] = int(count)
-    raise AssertionError(f"no job stats in the dry run:\n{plan}")
+# snakemake's listing of a job (dry run, SLURM job log): a group job's header, then each job's rule and fields.
+GROUP_HEADER = re.compile(r"^\[[^]]+\] Group job (\S+) ")
+RULE_HEADER = re.compile(r"^( *)(?:local)?rule (\S+):$")
+JOB_FIELD = re.compile(r"^ +(wildcards|resources): (.*)$")
+
+
+def listed_jobs(listing: str) -> list[tuple[str | None, list[dict]]]:
+    """The submissions in a snakemake listing, in order: (group name, its jobs), or (None, [the job]) for a job on
+    its own. Each job is {"rule", "wildcards", "resources"}."""
+    submissions: list[tuple[str | None, list[dict]]] = []
+    for line in listing.splitlines():
+        if group := GROUP_HEADER.match(line):
+            submissions.append((group.group(1), []))
+        elif rule := RULE_HEADER.match(line):
+            if not rule.group(1):  # a rule at the margin is a job of its own
+                submissions.append((None, []))
+            submissions[-1][1].append({"rule": rule.group(2), "wildcards": "", "resources": {}})
+        elif (field := JOB_FIELD.match(line)) and submissions and submissions[-1][1]:
+            name, value = field.groups()
+            job = submissions[-1][1][-1]
+            job[name] = value if name == "wildcards" else dict(item.split("=", 1) for item in value.split(", "))
+    return submissions
+
+
+def planned_submissions(repo: Path, *arguments: str) -> list[tuple[str | None, list[dict]]]:
+    """What `snakemake *arguments` submits with sbatch, from its dry run (`rule all` runs nothing)."""
+    plan = run(["snakemake", *arguments, "--dry-run"], repo, timeout=120).stdout
+    return [(group, jobs) for group, jobs in listed_jobs(plan) if jobs[0]["rule"] != "all"]
+
+
+def job_keys(jobs: Iterable[dict]) -> frozenset[tuple[str, str]]:
+    return frozenset((job["rule"], job["wildcards"]) for job in jobs)
+
+
+def minutes(time_limit: str) -> int:
+    """sacct's Timelimit, [days-]hours:minutes:seconds, in minutes."""
+    days, _, clock = time_limit.rpartition("-")
+    hours, mins, _ = clock.split(":")
+    return int(days or 0) * 1440 + int(hours) * 60 + int(mins)
 
 
 def read_summary(repo: Path) -> tuple[list[str], list[dict]]:
@@ -87,27 +117,44 @@ def cluster():
         subprocess.run(["bash", "scripts/slurm-down.sh"], cwd=REPO, check=True, timeout=120)
 
 
-def test_tiny_study_runs_through_slurm(cluster, tiny_study, tmp_path):
+def test_tiny_study_runs_through_slurm_in_groups(cluster, tiny_study, tmp_path):
     on_slurm = copy_repo(tmp_path / "slurm")
-    expected_jobs = planned_jobs(on_slurm)
-    # SIGINT, not SIGTERM: snakemake ignores SIGTERM while it waits for SLURM jobs (slurm-snakemake-dvc.md).
     # This machine has no Apptainer (neither Debian 12 nor PyPI has one): env-modules replaces the profile's
-    # deployment method with one no rule uses, so each command runs in this environment.
-    run(["timeout", "-s", "INT", "-k", "30", "900", "snakemake", "--profile", "profiles/slurm",
-         "--software-deployment-method", "env-modules", "--config", f"study={STUDY}"], on_slurm, timeout=960)
+    # deployment method with one no rule uses, so each command runs in this environment. generate asks for a GPU,
+    # as it does for a real model, so that its groups must get one of the cluster's two stand-in GPUs.
+    snakemake = ["snakemake", "--profile", "profiles/slurm", "--software-deployment-method", "env-modules",
+                 "--set-resources", "generate:gpu=1", "--config", f"study={STUDY}"]
+    plan = planned_submissions(on_slurm, *snakemake[1:])
+    groups = [jobs for group, jobs in plan if group]
+    assert sorted({frozenset(job["rule"] for job in jobs) for jobs in groups}, key=sorted) == [
+        {"base", "data", "tokenize"}, {"export", "generate", "score"}, {"generate", "score"}]
+    assert all(len({job["wildcards"] for job in jobs}) == 1 for group, jobs in plan if group == "evaluate")
 
-    logs = sorted((on_slurm / ".snakemake/slurm_logs").rglob("*.log"))
-    jobs = {log.stem: log.relative_to(on_slurm / ".snakemake/slurm_logs").parts[0].removeprefix("rule_")
-            for log in logs}
-    assert Counter(jobs.values()) == expected_jobs, f"SLURM logs per rule: {Counter(jobs.values())}"
-    assert all(job_id.isdigit() for job_id in jobs), sorted(jobs)
+    # SIGINT, not SIGTERM: snakemake ignores SIGTERM while it waits for SLURM jobs (slurm-snakemake-dvc.md).
+    run(["timeout", "-s", "INT", "-k", "30", "900", *snakemake], on_slurm, timeout=960)
 
-    accounting = subprocess.run(["sacct", "-X", "--noheader", "--parsable2", "--format=JobIDRaw,State,JobName",
-                                 "--jobs", ",".join(jobs)], capture_output=True, text=True, check=True).stdout
-    states = {job_id: (state, name) for job_id, state, name in (line.split("|") for line in accounting.split())}
-    assert states.keys() == jobs.keys(), f"sacct knows {sorted(states)}, the logs name {sorted(jobs)}"
-    assert {state for state, _ in states.values()} == {"COMPLETED"}, states
-    assert len({name for _, name in states.values()}) == 1, "all jobs should carry the one run's job name"
+    # .snakemake/slurm_logs/<rule_X or group_Y>/<wildcards>/<SLURM job id>.log: what snakemake ran in that job
+    ran = {log.stem: job_keys(job for _, jobs in listed_jobs(log.read_text()) for job in jobs)
+           for log in (on_slurm / ".snakemake/slurm_logs").rglob("*.log")}
+    assert all(job_id.isdigit() for job_id in ran), sorted(ran)
+    assert len(ran) == len(plan) < sum(len(jobs) for _, jobs in plan), "groups should need fewer sbatch jobs"
+    assert sorted(ran.values(), key=sorted) == sorted((job_keys(jobs) for _, jobs in plan), key=sorted), \
+        "each planned job or group should have run as one SLURM job"
+
+    accounting = subprocess.run(["sacct", "-X", "--noheader", "--parsable2", "--jobs", ",".join(ran),
+                                 "--format=JobIDRaw,State,JobName,Timelimit,ReqMem,AllocTRES"],
+                                capture_output=True, text=True, check=True).stdout
+    jobs = {fields[0]: fields[1:] for fields in (line.split("|") for line in accounting.split("\n") if line)}
+    assert jobs.keys() == ran.keys(), f"sacct knows {sorted(jobs)}, the logs name {sorted(ran)}"
+    assert {state for state, *_ in jobs.values()} == {"COMPLETED"}, jobs
+    assert len({name for _, name, *_ in jobs.values()}) == 1, "all jobs should carry the one run's job name"
+    planned = {job_keys(jobs): jobs for _, jobs in plan}
+    for job_id, (_, _, time_limit, memory, resources) in jobs.items():
+        members = [job["resources"] for job in planned[ran[job_id]]]  # each group here is a chain: times add up
+        assert minutes(time_limit) == sum(int(job["runtime"]) for job in members), (job_id, time_limit)
+        assert memory == f"{max(int(job['mem_mb']) for job in members)}M", (job_id, memory)
+        gpus = re.search(r"gres/gpu=(\d+)", resources)
+        assert int(gpus.group(1) if gpus else 0) == max(int(job.get("gpu", 0)) for job in members), (job_id, resources)
 
     local_columns, local_rows = read_summary(tiny_study)  # the suite's local run of the tiny study (conftest)
     slurm_columns, slurm_rows = read_summary(on_slurm)

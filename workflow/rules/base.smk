@@ -8,6 +8,8 @@ rule base:
     log:
         "results/logs/base/{model}.log",
     threads: 2
+    group:
+        "prepare"
     container:
         CPU_IMAGE
     conda:

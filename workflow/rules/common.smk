@@ -77,6 +77,13 @@ SIZES = {
 # KillWait (30 s) to save (measured on slurm 22.05, docs/cluster.md).
 PREEMPTIBLE = "--signal=USR1@300 --requeue"
 
+# Job groups: on a cluster (profiles/slurm) a group's connected jobs are one SLURM job, and so one queue wait; its
+# single job step runs them with a snakemake of its own. Locally groups are ignored. "prepare" is data, base and
+# tokenize (one job per study); "evaluate" is one run's [export,] generate and score (one job per run). The group
+# asks for the sum of the runtimes of jobs that follow each other, and the most GPUs, memory and CPUs that its
+# jobs use at once (jobs that can run side by side, as two models' base jobs, add up). train and merge stay
+# alone: train is long and preemptible (its slurm_extra would have to be every member's), merge feeds exports.
+
 # Apptainer images (containers/*.def, built with `apptainer build`); used under --sdm apptainer only.
 TRAIN_IMAGE = "containers/train.sif"
 CPU_IMAGE = "containers/cpu.sif"

@@ -8,6 +8,8 @@ rule data:
         settings=STUDY.data.model_dump_json(),
     log:
         "results/logs/data.log",
+    group:
+        "prepare"
     container:
         CPU_IMAGE
     conda:

@@ -14,6 +14,8 @@ rule export:
         gpu=sized("gpu"),
         mem_mb=sized("mem_mb"),
         runtime=sized("merge"),
+    group:
+        "evaluate"
     container:
         TRAIN_IMAGE
     conda:

@@ -15,6 +15,8 @@ rule generate:
         gpu=sized("gpu"),
         mem_mb=sized("mem_mb"),
         runtime=sized("generate"),
+    group:
+        "evaluate"
     container:
         TRAIN_IMAGE
     conda:

@@ -8,6 +8,8 @@ rule score:
         settings=STUDY.metrics.model_dump_json(),
     log:
         "results/runs/{run}/logs/score.log",
+    group:
+        "evaluate"
     container:
         CPU_IMAGE
     conda:

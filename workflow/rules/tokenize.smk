@@ -13,6 +13,8 @@ rule tokenize:
         settings=STUDY.data.model_dump_json(),
     log:
         "results/logs/tokenize/{model}.log",
+    group:
+        "prepare"
     container:
         CPU_IMAGE
     conda:
