@@ -31,3 +31,20 @@ def test_bench_runs_both_sides_on_a_tiny_model(tmp_path, capsys):
     assert pooled["control_run_ratios"] == [row["control_ratio"] for row in rows] and pooled["control_ratio"] > 0
     printed = capsys.readouterr().out
     assert "| tiny lora none sdpa |" in printed and "| tiny lora none sdpa | 2 |" in printed
+
+
+def test_bench_packs_examples_of_varied_lengths(tmp_path):
+    """--variable-lengths --packing on: tunelab's side trains on padding-free rows, the plain loop on padded ones."""
+    status = main(["--arch", "tiny", "--method", "lora", "--quantization", "none", "--attention", "sdpa",
+                   "--variable-lengths", "--packing", "off", "on", "--steps", "3", "--batch-size", "4",
+                   "--seq-len", "64", "--model-root", str(tmp_path / "models"), "--out", str(tmp_path / "out")])
+    assert status == 0
+    bench = json.loads((tmp_path / "out" / "bench.json").read_text())
+    rows = {row["name"]: row for row in bench["rows"]}
+    assert set(rows) == {"tiny lora none sdpa", "tiny lora none sdpa packed"}
+    assert bench["settings"]["variable_lengths"]
+    for row in rows.values():
+        assert "error" not in row["tunelab"] and "error" not in row["baseline"]
+        assert row["tunelab"]["tokens_per_second"] == row["tunelab"]["fit_tokens_per_second"] > 0
+        assert row["baseline"]["tokens_per_second"] > 0
+    assert rows["tiny lora none sdpa packed"]["tunelab"]["padding_fraction"] == 0

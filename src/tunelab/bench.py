@@ -58,14 +58,16 @@ class Case:
     method: str
     quantization: str
     attention: str
+    packing: bool = False  # tunelab's side packs; the plain loop always pads
 
     @property
     def name(self) -> str:
-        return f"{self.arch} {self.method} {self.quantization} {self.attention}"
+        return f"{self.arch} {self.method} {self.quantization} {self.attention}" + (" packed" if self.packing else "")
 
 
 def run_bench(cases: list[Case], *, steps: int, batch_size: int, seq_len: int, model_root: Path,
-              out: Path | None, sides: tuple[str, ...] = ("tunelab", "baseline"), skips: dict = SKIPS) -> list[dict]:
+              out: Path | None, sides: tuple[str, ...] = ("tunelab", "baseline"), skips: dict = SKIPS,
+              variable_lengths: bool = False) -> list[dict]:
     """Run every case on both sides; print the table; write bench.json into `out` when given."""
     device = modeling.device()
     rows = []
@@ -76,7 +78,8 @@ def run_bench(cases: list[Case], *, steps: int, batch_size: int, seq_len: int, m
             rows.append(row)
             continue
         path = build_model(case.arch, model_root, device)
-        examples = synthetic_examples(ARCHITECTURES[case.arch]["vocab_size"], steps * batch_size, seq_len)
+        examples = synthetic_examples(ARCHITECTURES[case.arch]["vocab_size"], steps * batch_size, seq_len,
+                                      variable=variable_lengths)
         repetition = cases[:index].count(case)  # a repeated case goes first on the other side next time
         shift = (index + repetition) % len(sides)
         order = sides[shift:] + sides[:shift]
@@ -87,10 +90,11 @@ def run_bench(cases: list[Case], *, steps: int, batch_size: int, seq_len: int, m
         log.info("%s: %s", case.name, _line(row))
         if out:  # after every case, so a run cut short at its time limit still leaves its numbers
             write_json(out / "bench.json", {"environment": environment(device), "settings": dict(
-                steps=steps, batch_size=batch_size, seq_len=seq_len, lora=LORA.model_dump(), adalora=ADALORA,
+                steps=steps, batch_size=batch_size, seq_len=seq_len, variable_lengths=variable_lengths,
+                lora=LORA.model_dump(), adalora=ADALORA,
                 learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM), "rows": rows, "pooled": pooled(rows)})
     print(table(rows, environment(device)))
-    if len(set(row["name"] for row in rows)) < len(rows):
+    if any(item["runs"] > 1 for item in pooled(rows)):
         print(pooled_table(rows))
     return rows
 
@@ -113,10 +117,14 @@ def build_model(arch: str, root: Path, device: torch.device) -> Path:
     return path
 
 
-def synthetic_examples(vocab_size: int, count: int, seq_len: int, seed: int = 0) -> list[dict]:
-    """`count` examples of exactly `seq_len` random tokens, every one labelled (no padding)."""
+def synthetic_examples(vocab_size: int, count: int, seq_len: int, seed: int = 0, variable: bool = False) -> list[dict]:
+    """`count` examples of random tokens, every one labelled: each exactly `seq_len` long (no padding), or with
+    `variable`, of log-normal lengths shaped like Alpaca's (median 170 tokens, clipped to 32..seq_len)."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (count, seq_len), generator=generator).tolist()
+    if variable:
+        lengths = torch.empty(count).log_normal_(math.log(170), 0.6, generator=generator).clamp(32, seq_len).long()
+        ids = [row[:length] for row, length in zip(ids, lengths.tolist())]
     return [{"input_ids": row, "labels": row} for row in ids]
 
 
@@ -141,8 +149,11 @@ def _measure(side: str, path: Path, case: Case, examples: list[dict], *, steps: 
     periods = [after - before for before, after in zip(stamps[warmup - 1:], stamps[warmup:])]
     if "error" not in result and periods:
         result["step_seconds"] = periods
-        result["tokens_per_step"] = batch_size * len(examples[0]["input_ids"])
-        result["tokens_per_second"] = result["tokens_per_step"] / statistics.median(periods)
+        if len({len(e["input_ids"]) for e in examples}) == 1:
+            result["tokens_per_step"] = batch_size * len(examples[0]["input_ids"])
+            result["tokens_per_second"] = result["tokens_per_step"] / statistics.median(periods)
+        else:  # steps differ in tokens, and the sides order examples differently: each side's own count
+            result["tokens_per_second"] = result["fit_tokens_per_second"]
     result["start_allocated_gib"] = start_allocated
     return result
 
@@ -150,7 +161,8 @@ def _measure(side: str, path: Path, case: Case, examples: list[dict], *, steps: 
 def _train_config(case: Case, steps: int, batch_size: int) -> TrainConfig:
     edge = min(2, (steps - 1) // 2)  # AdaLoRA's tinit/tfinal; a budgeting phase must remain
     return TrainConfig(
-        method=case.method, quantization=case.quantization, attention=case.attention, precision="bf16",
+        method=case.method, quantization=case.quantization, attention=case.attention, packing=case.packing,
+        precision="bf16",
         lora=LORA, adalora=AdaLoraConfig(**ADALORA, tinit=edge, tfinal=edge), micro_batch_size=batch_size,
         max_steps=steps, learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM, warmup_steps=0,
         lr_scheduler="constant_with_warmup", gradient_checkpointing=True, eval_every=steps, log_every=steps,
@@ -165,7 +177,8 @@ def _tunelab(path: Path, case: Case, examples: list[dict], *, steps: int, batch_
     metrics = train.fit(model, examples, examples[:batch_size], config, pad_id=0, label=case.name)
     losses = [loss for _, loss in metrics["loss_curve"]]
     return {"fit_tokens_per_second": metrics["tokens_per_second"], "peak_memory_gib": metrics["peak_memory_gib"],
-            "peak_reserved_gib": metrics["peak_reserved_gib"], "losses": losses,
+            "peak_reserved_gib": metrics["peak_reserved_gib"], "padding_fraction": metrics["padding_fraction"],
+            "losses": losses,
             "finite": all(map(math.isfinite, losses)), "trainable_parameters": metrics["trainable_parameters"]}
 
 
@@ -204,8 +217,7 @@ def _baseline(path: Path, case: Case, examples: list[dict], *, steps: int, batch
                                                   total_step=steps, **common))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE)
-    batches = [{k: torch.tensor([e[k] for e in examples[i:i + batch_size]]) for k in ("input_ids", "labels")}
-               for i in range(0, len(examples), batch_size)]
+    batches = [_padded(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -225,7 +237,7 @@ def _baseline(path: Path, case: Case, examples: list[dict], *, steps: int, batch
             torch.cuda.synchronize(device)
         if step > 1:
             seconds += time.perf_counter() - started
-            tokens += batch["input_ids"].numel()
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         losses.append(loss.detach())
     losses = [float(loss) for loss in losses]
     peak = {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 1024 ** 3,
@@ -233,6 +245,20 @@ def _baseline(path: Path, case: Case, examples: list[dict], *, steps: int, batch
         "peak_memory_gib": float("nan"), "peak_reserved_gib": float("nan")}
     return {"fit_tokens_per_second": tokens / max(seconds, 1e-9), **peak, "losses": losses,
             "finite": all(map(math.isfinite, losses)), "trainable_parameters": sum(p.numel() for p in params)}
+
+
+def _padded(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """The plain loop's batch: right-padded, with an attention_mask where lengths differ (as transformers'
+    DataCollatorForSeq2Seq pads), else input_ids and labels alone."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    ids = [torch.tensor(e["input_ids"]) for e in examples]
+    batch = {"input_ids": pad_sequence(ids, batch_first=True, padding_value=0),
+             "labels": pad_sequence([torch.tensor(e["labels"]) for e in examples], batch_first=True,
+                                    padding_value=-100)}
+    if len({len(row) for row in ids}) > 1:
+        batch["attention_mask"] = pad_sequence([torch.ones_like(row) for row in ids], batch_first=True)
+    return batch
 
 
 def _fresh(device: torch.device) -> None:
@@ -289,11 +315,11 @@ def table(rows: list[dict], env: dict) -> str:
 
 
 def pooled(rows: list[dict]) -> list[dict]:
-    """Each repeated case once: tokens/s from the median of every run's measured step periods, per side, and
-    the spread of the runs' own ratios (a repeated case on a host-bound size drifts with the host)."""
+    """Each fixed-length case once: tokens/s from the median of every run's measured step periods, per side,
+    and the spread of the runs' own ratios (a repeated case on a host-bound size drifts with the host)."""
     by_name: dict[str, list[dict]] = {}
     for row in rows:
-        if "speed_ratio" in row:
+        if "speed_ratio" in row and "tokens_per_step" in row["tunelab"]:
             by_name.setdefault(row["name"], []).append(row)
     summary = []
     for name, runs in by_name.items():
@@ -349,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=13, help="optimizer steps per side; the first 3 are warm-up")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--variable-lengths", action="store_true",
+                        help="examples of Alpaca-like lengths (up to --seq-len) instead of all --seq-len long")
+    parser.add_argument("--packing", nargs="+", choices=["off", "on"], default=["off"],
+                        help="tunelab's side packs each micro-batch into one row (the plain loop pads)")
     parser.add_argument("--model-root", type=Path, default=Path("/tmp/tunelab-bench-models"),
                         help="where the random-weight models are saved once")
     parser.add_argument("--repeat", type=int, default=1, help="run the whole matrix this many times, alternating")
@@ -361,11 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # bitsandbytes logs "MatMul8bitLt: inputs will be cast ..." on every int8 matmul call, both sides alike
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-    cases = [Case(a, m, q, t) for a in args.arch for m in args.method for q in args.quantization
-             for t in args.attention if not (m == "full" and q != "none")] * args.repeat
+    cases = [Case(a, m, q, t, k == "on") for a in args.arch for m in args.method for q in args.quantization
+             for t in args.attention for k in args.packing if not (m == "full" and q != "none")] * args.repeat
     run_bench(cases, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, model_root=args.model_root,
               out=args.out, sides=tuple(args.sides) + (("control",) if args.control else ()),
-              skips={} if args.try_skipped else SKIPS)
+              skips={} if args.try_skipped else SKIPS, variable_lengths=args.variable_lengths)
     return 0
 
 

@@ -53,12 +53,13 @@ def collect(study: Study, runs_dir: Path) -> list[dict]:
     """One row per run of the study, reference rows first; quality deltas against the model's base."""
     rows = []
     for model in dict.fromkeys(r.model for r in study.runs):
-        rows.append(_row(runs_dir / study.reference_name(model), study.reference_name(model), model, None))
-    rows += [_row(runs_dir / run.name, run.name, run.model, run.train) for run in study.runs]
+        rows.append(_evaluated(runs_dir / study.reference_name(model), study.reference_name(model), model, None))
+    rows += [{**_evaluated(runs_dir / run.name, run.name, run.model, run.train), **_trained(runs_dir / run.name)}
+             for run in study.runs]
     for name, (source, export_format) in study.export_runs.items():
         run = study.run(source)
         export = read_json(runs_dir / name / "export.json")
-        rows.append({**_row(runs_dir / name, name, run.model, run.train, trained=False), "export": export_format,
+        rows.append({**_evaluated(runs_dir / name, name, run.model, run.train), "export": export_format,
                      "size_on_disk_mb": export["size_bytes"] / 1e6, "sparsity": export["sparsity"]})
     bases = {row["model"]: row for row in rows if row["method"] == "base"}
     for row in rows:
@@ -69,24 +70,26 @@ def collect(study: Study, runs_dir: Path) -> list[dict]:
     return rows
 
 
-def _row(run_dir: Path, name: str, model: str, train, trained: bool = True) -> dict:
+def _evaluated(run_dir: Path, name: str, model: str, train) -> dict:
+    """The columns every row has: what was run (`train` is None for a base), and its test-split figures."""
     evaluation, scores = read_json(run_dir / "eval.json"), read_json(run_dir / "scores.json")
-    row = {"run": name, "model": model, "method": train.method if train else "base",
-           "quantization": train.quantization if train else "none", "attention": train.attention if train else "",
-           "precision": train.precision if train else "",
-           **{k: evaluation.get(k) for k in ("test_loss", "latency_seconds_mean", "generated_tokens_per_second",
-                                             "empty_predictions")},
-           **{k: scores.get(k) for k in QUALITY}}
-    if train and trained:
-        merge = read_json(run_dir / "merge.json")
-        row.update(export="as trained", size_on_disk_mb=merge["size_bytes"] / 1e6,
-                   merge_max_logit_difference=merge["max_logit_difference_vs_trained"])
-        metrics = read_json(run_dir / "train_metrics.json")
-        row.update(trainable_parameters=metrics["trainable_parameters"], peak_memory_gib=metrics["peak_memory_gib"],
-                   memory_kind=metrics["memory_kind"], train_tokens_per_second=metrics["tokens_per_second"],
-                   padding_fraction=metrics["padding_fraction"],
-                   train_wall_seconds=metrics["wall_seconds"], final_validation_loss=metrics["final_validation_loss"])
-    return row
+    return {"run": name, "model": model, "method": train.method if train else "base",
+            "quantization": train.quantization if train else "none", "attention": train.attention if train else "",
+            "precision": train.precision if train else "",
+            **{k: evaluation.get(k) for k in ("test_loss", "latency_seconds_mean", "generated_tokens_per_second",
+                                              "empty_predictions")},
+            **{k: scores.get(k) for k in QUALITY}}
+
+
+def _trained(run_dir: Path) -> dict:
+    """A trained run's own columns: its merge and what training cost."""
+    merge, metrics = read_json(run_dir / "merge.json"), read_json(run_dir / "train_metrics.json")
+    return {"export": "as trained", "size_on_disk_mb": merge["size_bytes"] / 1e6,
+            "merge_max_logit_difference": merge["max_logit_difference_vs_trained"],
+            "trainable_parameters": metrics["trainable_parameters"], "peak_memory_gib": metrics["peak_memory_gib"],
+            "memory_kind": metrics["memory_kind"], "train_tokens_per_second": metrics["tokens_per_second"],
+            "padding_fraction": metrics["padding_fraction"], "train_wall_seconds": metrics["wall_seconds"],
+            "final_validation_loss": metrics["final_validation_loss"]}
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
