@@ -33,6 +33,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from tunelab import modeling, train
 from tunelab.artifacts import atomic_dir, write_json
+from tunelab.batches import real_tokens
 from tunelab.config import AdaLoraConfig, LoraConfig, ProfileConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,9 @@ def run_bench(cases: list[Case], *, steps: int, batch_size: int, seq_len: int, m
                 lora=LORA.model_dump(), adalora=ADALORA,
                 learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM), "rows": rows, "pooled": pooled(rows)})
     print(table(rows, environment(device)))
-    if any(item["runs"] > 1 for item in pooled(rows)):
-        print(pooled_table(rows))
+    summary = pooled(rows)
+    if any(item["runs"] > 1 for item in summary):
+        print(pooled_table(summary))
     return rows
 
 
@@ -162,11 +164,10 @@ def _train_config(case: Case, steps: int, batch_size: int) -> TrainConfig:
     edge = min(2, (steps - 1) // 2)  # AdaLoRA's tinit/tfinal; a budgeting phase must remain
     return TrainConfig(
         method=case.method, quantization=case.quantization, attention=case.attention, packing=case.packing,
-        precision="bf16",
-        lora=LORA, adalora=AdaLoraConfig(**ADALORA, tinit=edge, tfinal=edge), micro_batch_size=batch_size,
-        max_steps=steps, learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM, warmup_steps=0,
-        lr_scheduler="constant_with_warmup", gradient_checkpointing=True, eval_every=steps, log_every=steps,
-        profile=ProfileConfig(steps=0))
+        precision="bf16", lora=LORA, adalora=AdaLoraConfig(**ADALORA, tinit=edge, tfinal=edge),
+        micro_batch_size=batch_size, max_steps=steps, learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM,
+        warmup_steps=0, lr_scheduler="constant_with_warmup", gradient_checkpointing=True, eval_every=steps,
+        log_every=steps, profile=ProfileConfig(steps=0))
 
 
 def _tunelab(path: Path, case: Case, examples: list[dict], *, steps: int, batch_size: int,
@@ -237,7 +238,7 @@ def _baseline(path: Path, case: Case, examples: list[dict], *, steps: int, batch
             torch.cuda.synchronize(device)
         if step > 1:
             seconds += time.perf_counter() - started
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            tokens += real_tokens(batch)
         losses.append(loss.detach())
     losses = [float(loss) for loss in losses]
     peak = {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 1024 ** 3,
@@ -323,28 +324,31 @@ def pooled(rows: list[dict]) -> list[dict]:
             by_name.setdefault(row["name"], []).append(row)
     summary = []
     for name, runs in by_name.items():
-        speed = {side: runs[0][side]["tokens_per_step"] / statistics.median(
-                     [period for run in runs for period in run[side]["step_seconds"]])
-                 for side in ("tunelab", "baseline")}
+        speed = {side: _pooled_speed(runs, side) for side in ("tunelab", "baseline")}
         item = {"name": name, "runs": len(runs), **{f"{side}_tokens_per_second": speed[side] for side in speed},
                 "speed_ratio": speed["tunelab"] / speed["baseline"],
                 "run_ratios": [run["speed_ratio"] for run in runs],
                 "memory_ratio": max(run["memory_ratio"] for run in runs)}
         if all("control_ratio" in run for run in runs):
-            control = runs[0]["control"]["tokens_per_step"] / statistics.median(
-                [period for run in runs for period in run["control"]["step_seconds"]])
-            item.update(control_ratio=control / speed["baseline"],
+            item.update(control_ratio=_pooled_speed(runs, "control") / speed["baseline"],
                         control_run_ratios=[run["control_ratio"] for run in runs])
         summary.append(item)
     return summary
 
 
-def pooled_table(rows: list[dict]) -> str:
+def _pooled_speed(runs: list[dict], side: str) -> float:
+    """tokens/s of one side over several runs of a case: the median of all their measured step periods."""
+    return runs[0][side]["tokens_per_step"] / statistics.median(
+        [period for run in runs for period in run[side]["step_seconds"]])
+
+
+def pooled_table(summary: list[dict]) -> str:
+    """`pooled`'s summary as a Markdown table."""
     lines = ["", "Pooled over repeats (control: the plain loop run again, against itself):", "",
              "| config | runs | tunelab tok/s | baseline tok/s | speed ratio | run ratios (min-max) | memory ratio "
              "| control ratio | control run ratios (min-max) |",
              "|---|---:|---:|---:|---:|---|---:|---:|---|"]
-    for item in pooled(rows):
+    for item in summary:
         control = (f"{item['control_ratio']:.3f} | {min(item['control_run_ratios']):.2f}-"
                    f"{max(item['control_run_ratios']):.2f}") if "control_ratio" in item else " | "
         lines.append(f"| {item['name']} | {item['runs']} | {item['tunelab_tokens_per_second']:,.0f} "
@@ -384,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="run the whole matrix this many times, alternating")
     parser.add_argument("--sides", nargs="+", choices=["tunelab", "baseline"], default=["tunelab", "baseline"])
     parser.add_argument("--control", action="store_true",
-                        help="also run the plain loop a second time per case: its ratio to the first is the noise floor")
+                        help="also run the plain loop a second time per case: its ratio to the first is the "
+                             "noise floor")
     parser.add_argument("--try-skipped", action="store_true", help="run the cases SKIPS leaves out (7B full)")
     parser.add_argument("--out", type=Path, help="directory for bench.json")
     args = parser.parse_args(argv)

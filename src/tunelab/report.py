@@ -22,8 +22,8 @@ from tunelab.errors import TunelabError
 log = logging.getLogger(__name__)
 QUALITY = ("bleu", "rouge_l", "bertscore_f1", "codebleu")
 COLUMNS = ("run", "model", "method", "quantization", "attention", "precision", "export", "size_on_disk_mb",
-           "merge_max_logit_difference", "sparsity", "trainable_parameters",
-           "train_tokens_per_second", "padding_fraction", "peak_memory_gib", "memory_kind", "train_wall_seconds", "final_validation_loss",
+           "merge_max_logit_difference", "sparsity", "trainable_parameters", "train_tokens_per_second",
+           "padding_fraction", "peak_memory_gib", "memory_kind", "train_wall_seconds", "final_validation_loss",
            "test_loss", "latency_seconds_mean", "generated_tokens_per_second", "empty_predictions", *QUALITY,
            *(f"{q}_delta_vs_base" for q in QUALITY), "test_loss_delta_vs_base")
 PLOTS = {"loss_curves.png": "Training and validation loss", "quality_vs_memory.png": "Quality against peak memory",

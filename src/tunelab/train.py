@@ -128,12 +128,13 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
         scheduler.step()
         if profiler:
             profiler.after(step)
+        step_real_tokens = sum(real_tokens(b) for b in host_batches)
         if step > 1:  # the first step holds one-off allocation and kernel selection
             if device.type == "cuda":
                 torch.cuda.synchronize()
             counted["seconds"] += time.perf_counter() - step_started
-            counted["tokens"] += sum(real_tokens(b) for b in host_batches)
-        counted["padded"] += sum(b["input_ids"].numel() - real_tokens(b) for b in host_batches)
+            counted["tokens"] += step_real_tokens
+        counted["padded"] += sum(b["input_ids"].numel() for b in host_batches) - step_real_tokens
         curves["loss"].append([step, loss])
         curves["learning_rate"].append([step, scheduler.get_last_lr()[0]])
         if step % train.eval_every == 0 or step == train.max_steps:
