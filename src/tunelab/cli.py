@@ -105,6 +105,12 @@ def _score(study: Study, args) -> None:
     run_score(study.metrics, args.generations, args.out)
 
 
+def _status(study: Study, args) -> None:
+    from tunelab.status import run_status
+
+    run_status(study, args.results, args.watch)
+
+
 def _report(study: Study, args) -> None:
     from tunelab.report import run_report
 
@@ -124,6 +130,8 @@ STAGES = {
                  ("run", "base", "data", "tokens", "out", "model_dir", "prompt", "prompts")),
     "score": (_score, "score a run's generations (BLEU, ROUGE-L, BERTScore, CodeBLEU)", ("generations", "out")),
     "report": (_report, "aggregate every run into summary.csv, report.md/html and plots", ("runs", "out")),
+    "status": (_status, "where each run of a study stands (stage, step, loss, tokens/s, ETA), from its results",
+               ("results", "watch")),
 }
 OPTIONS = {"model": (str, "model name from the study's models"), "run": (str, "run name from the study's runs"),
            "data": (Path, "the data stage's directory"), "base": (Path, "the base stage's directory of the model"),
@@ -134,6 +142,9 @@ OPTIONAL = {  # options of `generate --model`: an argument list, not Snakemake's
     "model_dir": dict(flags=["--model"], type=Path, help="a trained, merged or exported model directory"),
     "prompt": dict(flags=["--prompt"], action="append", help="an instruction to answer (repeatable)"),
     "prompts": dict(flags=["--prompts"], type=Path, help="a file of instructions, one per line"),
+    "results": dict(flags=["--results"], type=Path, default=Path("results"), help="the study's results folder"),
+    "watch": dict(flags=["--watch"], type=float, nargs="?", const=5.0, default=None, metavar="SECONDS",
+                  help="refresh every SECONDS (default 5) until no run is running or queued"),
     "offline": dict(flags=["--offline"], action="store_true",
                     help="record sources pinned to a full commit hash without asking the Hub"),
 }
