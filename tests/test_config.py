@@ -30,8 +30,8 @@ def test_real_config_expands_its_grid():
     qlora = study.run("qwen7b-lora-nf4")
     assert (qlora.model, qlora.train.method, qlora.train.quantization) == ("qwen7b", "lora", "nf4")
     assert qlora.train.precision == "bf16" and qlora.train.lora.r == 16  # study defaults reach every run
-    assert study.data.source == "hf:tatsu-lab/alpaca" and study.data.train_fraction == 0.2
-    assert study.models["qwen1.5b"].source == "hf:Qwen/Qwen2.5-1.5B-Instruct"
+    assert study.data.source.startswith("hf:tatsu-lab/alpaca@") and study.data.train_fraction == 0.2
+    assert study.models["qwen1.5b"].source.startswith("hf:Qwen/Qwen2.5-1.5B-Instruct@")
     assert study.reference_runs == ["base-qwen1.5b", "base-qwen7b"]
 
 
@@ -44,7 +44,7 @@ BAD = [  # (change to the tiny study, text the error must contain)
     ({"data": {**TINY["data"], "sourc": "x"}}, "data.sourc: unknown key (allowed: source, validation_fraction"),
     ({"data": {**TINY["data"], "test_size": "many"}}, "data.test_size: Input should be a valid integer"),
     ({"data": {**TINY["data"], "validation_fraction": 1.5}}, "data.validation_fraction: Input should be less than 1"),
-    ({"data": {**TINY["data"], "source": "data/alpaca.csv"}}, "expected hf:<id>, synthetic:<n> or a .json/.jsonl"),
+    ({"data": {**TINY["data"], "source": "data/alpaca.csv"}}, "expected hf:<id>[@<revision>], synthetic:<n> or a .json/.jsonl"),
     ({"runs": [{"name": "a", "model": "tiny", "method": "qlora"}]}, "runs[0] 'a': method: Input should be 'lora', 'adalora' or 'full'"),
     ({"runs": [{"name": "a", "model": "tiny", "quantization": "nf3"}]}, "quantization: Input should be 'none', 'nf4' or 'int8'"),
     ({"runs": [{"name": "a", "model": "tiny", "attention": "flash"}]}, "attention: Input should be 'eager', 'sdpa' or 'flash_attention_2'"),
@@ -55,7 +55,7 @@ BAD = [  # (change to the tiny study, text the error must contain)
     ({"runs": [{"name": "a", "model": "tiny", "method": "adalora", "max_steps": 20}]}, "must leave a budgeting phase"),
     ({"runs": [{"name": "a", "model": "llama"}]}, "model 'llama' is not one of models: tiny"),
     ({"runs": [{"name": "a", "model": "tiny"}, {"name": "a", "model": "tiny"}]}, "run name 'a' is used twice"),
-    ({"models": {"tiny": {"source": "/no/such/model"}}}, "expected hf:<id>, tiny or an existing model directory"),
+    ({"models": {"tiny": {"source": "/no/such/model"}}}, "expected hf:<id>[@<revision>], tiny or an existing model directory"),
     ({"exports": {"formats": ["nf4"], "runs": ["tiny-qlora"]}}, "exports.runs: 'tiny-qlora' is not a run"),
     ({"exports": {"formats": ["gguf"]}}, "exports.formats.0: Input should be 'nf4', 'int8' or 'pruned_int8'"),
     ({"trian": {}}, "trian: unknown key (allowed: name, data, models, train, runs, generation, metrics, exports)"),

@@ -3,7 +3,8 @@
 - `tiny`: train a BPE tokenizer on the train split and generic synthetic text, build a random-weight
   Qwen2 and warm it up with plain language-model training on the generic text (a cold 2-layer model
   emits EOS first and learns nothing useful in a hundred adapter steps).
-- `hf:<id>`: download the snapshot from the Hugging Face Hub (token from HF_TOKEN, never written).
+- `hf:<id>[@<revision>]`: download the snapshot of the locked commit from the Hugging Face Hub (token from
+  HF_TOKEN, never written); `base.json` records the commit.
 - a local directory: use it as it is.
 
 Writes `results/base/<model>/base.json` ({"path": where the weights are}) and, for tiny, the weights.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tunelab import modeling, synthetic
+from tunelab import hub, modeling, synthetic
 from tunelab.artifacts import atomic_dir, read_jsonl, write_json
 from tunelab.config import ModelConfig, TrainConfig
 from tunelab.tokenize import prompt
@@ -24,22 +25,22 @@ log = logging.getLogger(__name__)
 GENERIC_DOCUMENTS = 4000
 
 
-def run_base(model: ModelConfig, data_dir: Path, out: Path) -> str:
-    """Materialise `model` under `out`; return the path the other stages load it from."""
+def run_base(model: ModelConfig, data_dir: Path, out: Path, lock: dict[str, str] | None = None) -> str:
+    """Materialise `model` under `out`; return the path the other stages load it from.
+    `lock` (source -> commit) pins an `hf:` model to the commit the study's lock file names."""
     if model.source == "tiny":
         with atomic_dir(out) as tmp:
             _build_tiny(model, data_dir, tmp)
             write_json(tmp / "base.json", {"path": str(out.resolve()), "source": "tiny"})
         return str(out.resolve())
-    if model.source.startswith("hf:"):
-        from huggingface_hub import snapshot_download
-
-        path = snapshot_download(model.source.removeprefix("hf:"),
-                                 allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"])
+    source, revision = hub.parse(model.source, "model"), None
+    if source:
+        revision = hub.commit_of(source, lock or {})
+        path = str(hub.download(source, revision, ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]))
     else:
         path = str(Path(model.source).resolve())
     with atomic_dir(out) as tmp:
-        write_json(tmp / "base.json", {"path": path, "source": model.source})
+        write_json(tmp / "base.json", {"path": path, "source": model.source, "revision": revision})
     log.info("base model %s is at %s", model.source, path)
     return path
 

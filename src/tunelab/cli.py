@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from tunelab import hub
 from tunelab.config import Study, check_runtime, load_study
 from tunelab.errors import TunelabError
 
@@ -21,12 +22,20 @@ def _validate(study: Study, args) -> None:
     models = sorted({r.model for r in study.runs})
     print(f"{study.path}: study {study.name!r}: {len(study.runs)} runs, {len(models)} models "
           f"({', '.join(models)}), data {study.data.source}")
+    for warning in hub.unpinned_warnings(study):
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def _lock(study: Study, args) -> None:
+    for source, commit in hub.write_lock(study, offline=args.offline).items():
+        print(f"{source} -> {commit}")
+    print(f"wrote {hub.lock_path(study.path)}")
 
 
 def _data(study: Study, args) -> None:
     from tunelab.data import run_data
 
-    run_data(study.data, args.out)
+    run_data(study.data, args.out, hub.read_lock(study.path))
 
 
 def _base(study: Study, args) -> None:
@@ -34,7 +43,7 @@ def _base(study: Study, args) -> None:
 
     if args.model not in study.models:
         raise TunelabError(f"{study.path}: no model named {args.model!r} (models: {', '.join(study.models)})")
-    run_base(study.models[args.model], args.data, args.out)
+    run_base(study.models[args.model], args.data, args.out, hub.read_lock(study.path))
 
 
 def _tokenize(study: Study, args) -> None:
@@ -96,6 +105,12 @@ def _score(study: Study, args) -> None:
     run_score(study.metrics, args.generations, args.out)
 
 
+def _status(study: Study, args) -> None:
+    from tunelab.status import run_status
+
+    run_status(study, args.results, args.watch)
+
+
 def _report(study: Study, args) -> None:
     from tunelab.report import run_report
 
@@ -103,7 +118,8 @@ def _report(study: Study, args) -> None:
 
 
 STAGES = {
-    "validate": (_validate, "check a study config and summarise it", ()),
+    "validate": (_validate, "check a study config and summarise it (warns about unpinned hf: sources)", ()),
+    "lock": (_lock, "resolve every hf: source to a commit and write the study's lock file", ("offline",)),
     "data": (_data, "load, check and split the dataset", ("out",)),
     "base": (_base, "make a study model available locally (build and warm up the tiny one)", ("model", "data", "out")),
     "tokenize": (_tokenize, "apply the prompt template and tokenize every split", ("base", "data", "out")),
@@ -114,6 +130,8 @@ STAGES = {
                  ("run", "base", "data", "tokens", "out", "model_dir", "prompt", "prompts")),
     "score": (_score, "score a run's generations (BLEU, ROUGE-L, BERTScore, CodeBLEU)", ("generations", "out")),
     "report": (_report, "aggregate every run into summary.csv, report.md/html and plots", ("runs", "out")),
+    "status": (_status, "where each run of a study stands (stage, step, loss, tokens/s, ETA), from its results",
+               ("results", "watch")),
 }
 OPTIONS = {"model": (str, "model name from the study's models"), "run": (str, "run name from the study's runs"),
            "data": (Path, "the data stage's directory"), "base": (Path, "the base stage's directory of the model"),
@@ -124,6 +142,11 @@ OPTIONAL = {  # options of `generate --model`: an argument list, not Snakemake's
     "model_dir": dict(flags=["--model"], type=Path, help="a trained, merged or exported model directory"),
     "prompt": dict(flags=["--prompt"], action="append", help="an instruction to answer (repeatable)"),
     "prompts": dict(flags=["--prompts"], type=Path, help="a file of instructions, one per line"),
+    "results": dict(flags=["--results"], type=Path, default=Path("results"), help="the study's results folder"),
+    "watch": dict(flags=["--watch"], type=float, nargs="?", const=5.0, default=None, metavar="SECONDS",
+                  help="refresh every SECONDS (default 5) until no run is running or queued"),
+    "offline": dict(flags=["--offline"], action="store_true",
+                    help="record sources pinned to a full commit hash without asking the Hub"),
 }
 
 

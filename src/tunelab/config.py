@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -23,6 +24,7 @@ Attention = Literal["eager", "sdpa", "flash_attention_2"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Optimizer = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
+HUB_SOURCE = re.compile(r"hf:[\w.-]+(/[\w.-]+)?(@[\w./-]+)?")  # hf:<id>[@<revision>] (tunelab.hub reads it)
 
 
 class Frozen(BaseModel):
@@ -30,7 +32,7 @@ class Frozen(BaseModel):
 
 
 class DataConfig(Frozen):
-    source: str = Field(description="hf:<dataset id>, a local .json/.jsonl file, or synthetic:<n records>")
+    source: str = Field(description="hf:<dataset id>[@<revision>], a local .json/.jsonl file, or synthetic:<n records>")
     validation_fraction: Fraction = Field(0.05, description="share of records held out for validation loss")
     test_size: int = Field(500, gt=0, description="records held out for generation and scoring")
     train_fraction: Annotated[float, Field(gt=0, le=1)] = Field(
@@ -42,9 +44,9 @@ class DataConfig(Frozen):
     @field_validator("source")
     @classmethod
     def _known_scheme(cls, source: str) -> str:
-        if source.startswith(("hf:", "synthetic:")) or source.endswith((".json", ".jsonl")):
+        if HUB_SOURCE.fullmatch(source) or source.startswith("synthetic:") or source.endswith((".json", ".jsonl")):
             return source
-        raise ValueError(f"expected hf:<id>, synthetic:<n> or a .json/.jsonl path, got {source!r}")
+        raise ValueError(f"expected hf:<id>[@<revision>], synthetic:<n> or a .json/.jsonl path, got {source!r}")
 
 
 class TinyModelConfig(Frozen):
@@ -62,15 +64,15 @@ class TinyModelConfig(Frozen):
 
 
 class ModelConfig(Frozen):
-    source: str = Field(description="hf:<model id>, a local model directory, or tiny")
+    source: str = Field(description="hf:<model id>[@<revision>], a local model directory, or tiny")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="settings when source is tiny")
 
     @field_validator("source")
     @classmethod
     def _known_source(cls, source: str) -> str:
-        if source == "tiny" or source.startswith("hf:") or Path(source).is_dir():
+        if source == "tiny" or HUB_SOURCE.fullmatch(source) or Path(source).is_dir():
             return source
-        raise ValueError(f"expected hf:<id>, tiny or an existing model directory, got {source!r}")
+        raise ValueError(f"expected hf:<id>[@<revision>], tiny or an existing model directory, got {source!r}")
 
 
 class LoraConfig(Frozen):

@@ -1,7 +1,7 @@
 """Stage `data`: load the study's dataset, check every record, and split it once, deterministically.
 
-Reads `data.source` (hf:<id>, a local .json/.jsonl file, or synthetic:<n>); writes
-`results/data/{train,validation,test}.jsonl` and `results/data/stats.json`.
+Reads `data.source` (hf:<id>[@<revision>], a local .json/.jsonl file, or synthetic:<n>); writes
+`results/data/{train,validation,test}.jsonl` and `results/data/stats.json` (with the Hub commit it read).
 Run: `tunelab data --config config.yaml --out results/data`.
 """
 
@@ -12,33 +12,37 @@ import logging
 import random
 from pathlib import Path
 
-from tunelab import synthetic
+from tunelab import hub, synthetic
 from tunelab.artifacts import invalidate, write_json, write_jsonl
 from tunelab.config import DataConfig
 from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
+HUB_DATA_FILES = ["*.parquet", "*.json", "*.jsonl", "*.csv", "*.arrow"]  # a dataset repo's data, not its scripts
 
 
-def run_data(data: DataConfig, out: Path) -> dict[str, int]:
-    """Load, validate and split `data.source` into `out`; return the record count per split."""
-    loaded = _check_records(load_records(data.source), data.source)
+def run_data(data: DataConfig, out: Path, lock: dict[str, str] | None = None) -> dict[str, int]:
+    """Load, validate and split `data.source` into `out`; return the record count per split.
+    `lock` (source -> commit) pins an `hf:` dataset to the commit the study's lock file names."""
+    source = hub.parse(data.source, "dataset")
+    revision = hub.commit_of(source, lock or {}) if source else None
+    loaded = _check_records(load_records(data.source, revision), data.source)
     records = _unique(loaded)
     splits = split_records(records, data)
     invalidate(out / "stats.json")
     for split, rows in splits.items():
         write_jsonl(out / f"{split}.jsonl", rows)
     counts = {split: len(rows) for split, rows in splits.items()}
-    write_json(out / "stats.json", {"source": data.source, "records": len(loaded),
+    write_json(out / "stats.json", {"source": data.source, "revision": revision, "records": len(loaded),
                                     "duplicates_removed": len(loaded) - len(records), **counts})
     log.info("wrote %s train / %s validation / %s test records to %s",
              f"{counts['train']:,}", f"{counts['validation']:,}", f"{counts['test']:,}", out)
     return counts
 
 
-def load_records(source: str) -> list[dict]:
-    """Records of `source`: hf:<dataset id>, synthetic:<n>, or a local .json/.jsonl file."""
+def load_records(source: str, revision: str | None = None) -> list[dict]:
+    """Records of `source`: hf:<dataset id> (at commit `revision`), synthetic:<n>, or a local .json/.jsonl file."""
     if source.startswith("synthetic:"):
         count = source.removeprefix("synthetic:")
         if not count.isdigit() or int(count) == 0:
@@ -47,7 +51,9 @@ def load_records(source: str) -> list[dict]:
     if source.startswith("hf:"):
         import datasets  # imported here: only this source needs it, and it is slow to import
 
-        return list(datasets.load_dataset(source.removeprefix("hf:"), split="train"))
+        dataset = hub.parse(source, "dataset")
+        snapshot = hub.download(dataset, revision or hub.commit_of(dataset, {}), HUB_DATA_FILES)
+        return list(datasets.load_dataset(str(snapshot), split="train"))
     return _read_local(Path(source))
 
 

@@ -1,6 +1,7 @@
 rule base:
     input:
         train=rules.data.output.train,
+        lock=study_lock,
     output:
         directory("results/base/{model}"),
     params:

@@ -5,6 +5,7 @@ from snakemake.exceptions import WorkflowError
 
 from tunelab.config import BOOKKEEPING, check_runtime, load_study
 from tunelab.errors import TunelabError
+from tunelab.hub import lock_path
 
 STUDY_FILE = config.get("study", "config.yaml")
 try:
@@ -18,6 +19,12 @@ RUNS = [run.name for run in STUDY.runs]
 REFERENCES = STUDY.reference_runs
 EXPORTS = STUDY.export_runs  # "<run>.<format>" -> (run, format)
 MODELS = list(dict.fromkeys(run.model for run in STUDY.runs))
+
+
+def study_lock(wildcards):
+    """The study's lock file of Hub commits (tunelab lock), where it has one: a changed commit reruns data/base."""
+    lock = lock_path(STUDY.path)
+    return [str(lock)] if lock.is_file() else []
 
 
 def one_of(names):

@@ -1,4 +1,6 @@
 rule data:
+    input:
+        lock=study_lock,
     output:
         train="results/data/train.jsonl",
         validation="results/data/validation.jsonl",
