@@ -11,8 +11,8 @@ import pytest
 
 from tunelab import stats
 
-HYPOTHESES = ["the cat sat on the mat", "a dog", "", "one two three four five six", "x y", "the the the"]
-REFERENCES = ["the cat sat on a mat", "a big dog barked", "nothing", "one two three four five six", "y x", "the"]
+HYPOTHESES = ["the cat sat on the mat", "a dog", "", "one two three four five six", "x y", "the the the", "a b c d e"]
+REFERENCES = ["the cat sat on a mat", "a big dog barked", "nothing", "one two three four five six", "y x", "the", "a c e b d"]  # the last: no 2-, 3- or 4-gram matches
 
 
 def _record_stats(hypotheses, references):
@@ -21,7 +21,7 @@ def _record_stats(hypotheses, references):
     return np.asarray(sacrebleu.BLEU()._extract_corpus_statistics(hypotheses, [references]), dtype=float)
 
 
-@pytest.mark.parametrize("subset", [range(6), [0, 0, 3], [1, 2, 4], [2], [4, 5, 5], [1, 4]])
+@pytest.mark.parametrize("subset", [range(7), [0, 0, 3], [1, 2, 4], [2], [4, 5, 5], [1, 4], [6]])
 def test_corpus_bleu_from_statistics_is_sacrebleu(subset):
     import sacrebleu
 
