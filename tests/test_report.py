@@ -32,8 +32,8 @@ def _study(root: Path, runs: list[str], memory_kind: str = "cuda") -> Path:
     """A study file and the results files of its runs, the quality ones computed by tunelab's own scorer."""
     study = root / "study.yaml"
     entries = ", ".join(f"{{name: {r}, model: m}}" for r in runs)
-    study.write_text(f"name: fake\ndata: {{source: synthetic:500, test_size: {RECORDS}}}\nmodels: {{m: {{source: tiny}}}}\n"
-                     f"runs: [{entries}]\nmetrics: {{bertscore: false}}\n")
+    study.write_text(f"name: fake\ndata: {{source: synthetic:500, test_size: {RECORDS}}}\n"
+                     f"models: {{m: {{source: tiny}}}}\nruns: [{entries}]\nmetrics: {{bertscore: false}}\n")
     for run in ["base-m", *runs]:
         right, seed, speed, memory = RUNS[run]
         correct = np.random.default_rng(seed).random(RECORDS) < right

@@ -12,7 +12,8 @@ import pytest
 from tunelab import stats
 
 HYPOTHESES = ["the cat sat on the mat", "a dog", "", "one two three four five six", "x y", "the the the", "a b c d e"]
-REFERENCES = ["the cat sat on a mat", "a big dog barked", "nothing", "one two three four five six", "y x", "the", "a c e b d"]  # the last: no 2-, 3- or 4-gram matches
+REFERENCES = ["the cat sat on a mat", "a big dog barked", "nothing", "one two three four five six", "y x", "the",
+              "a c e b d"]  # the last: no 2-, 3- or 4-gram matches
 
 
 def _record_stats(hypotheses, references):

@@ -117,7 +117,8 @@ def html_page(study: str, rows: list[dict], verdict: list[str], primary: str, fi
             "figure{display:inline-block;margin:.5em;max-width:48%}img{max-width:100%}"
             "figcaption,.notes{font-size:12px;color:#555}.full{font-size:11px}</style></head><body>"
             f"<h1>Study {html.escape(study)}</h1><ul class='verdict'>{points}</ul>"
-            f"{_html_table(*headline(rows, primary), 'headline')}{per_category}<p class='notes'>{html.escape(NOTES)}</p>{images}"
+            f"{_html_table(*headline(rows, primary), 'headline')}{per_category}"
+            f"<p class='notes'>{html.escape(NOTES)}</p>{images}"
             f"<details><summary>All columns ({len(columns)})</summary>{full}</details></body></html>")
 
 

@@ -35,7 +35,8 @@ SHORT_ANSWER_TOKENS = 16  # exact_match auto: on when the median reference has a
 BLEU_TOKENIZERS = {"en": "13a", "zh": "zh", "ja": "char", "ko": "char", "th": "char", "lo": "char", "km": "char",
                    "my": "char"}
 MULTILINGUAL_BERTSCORE = "bert-base-multilingual-cased"
-CJK_RANGES = "\u1100-\u11ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f"  # hangul, kana, han
+# hangul jamo, kana, han (CJK ideographs and compatibility), hangul syllables, half-width katakana
+CJK_RANGES = "\u1100-\u11ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f"
 ROUGE_TOKEN = re.compile(f"[{CJK_RANGES}]|[^\\W_{CJK_RANGES}]+")
 
 
