@@ -16,7 +16,8 @@ import pytest
 
 from tunelab.artifacts import write_json, write_jsonl
 from tunelab.config import MetricsConfig, load_study
-from tunelab.report import run_report
+from tunelab.errors import TunelabError
+from tunelab.report import primary_metric, run_report
 from tunelab.report_render import number
 from tunelab.score import score
 
@@ -192,3 +193,13 @@ def test_html_renders_in_headless_chromium(three_runs, tmp_path):
     shot = subprocess.run([*flags, f"--screenshot={tmp_path / 'report.png'}", (three_runs / "report.html").as_uri()],
                           capture_output=True, text=True, timeout=120)
     assert shot.returncode == 0 and (tmp_path / "report.png").stat().st_size > 50_000
+
+
+def test_missing_per_record_scores_or_primary_is_one_error(tmp_path):
+    study = load_study(_study(tmp_path, ["run-b"]))
+    (tmp_path / "runs" / "run-b" / "sample_scores.jsonl").unlink()
+    with pytest.raises(TunelabError, match="run-b/sample_scores.jsonl is missing: .*dvc pull"):
+        run_report(study, tmp_path / "runs", tmp_path / "report")
+    assert not (tmp_path / "report").exists()
+    with pytest.raises(TunelabError, match="metrics.primary bertscore_f1 is in no run's scores.json"):
+        primary_metric("bertscore_f1", [{"exact_match": 1.0}])

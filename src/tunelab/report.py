@@ -40,7 +40,7 @@ def run_report(study: Study, runs_dir: Path, out: Path) -> list[dict]:
     """Collect every run's results, test the verdict, then write the CSV, Markdown and HTML reports and plots."""
     rows = collect(study, runs_dir)
     primary = primary_metric(study.metrics.primary, rows)
-    samples = {row["run"]: read_jsonl(runs_dir / row["run"] / "sample_scores.jsonl") for row in rows}
+    samples = {row["run"]: _samples(runs_dir / row["run"] / "sample_scores.jsonl") for row in rows}
     verdict = _verdict(rows, primary, samples)
     invalidate(out / "report.html")
     _write_csv(out / "summary.csv", rows)
@@ -138,6 +138,13 @@ def _cell(value) -> object:
     return "" if value is None else round(value, 6) if isinstance(value, float) else value
 
 
+def _samples(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise TunelabError(f"{path} is missing: the verdict's paired tests need each run's per-record scores "
+                           "(dvc pull them with the README's laptop command, or rerun score)")
+    return read_jsonl(path)
+
+
 def _record_values(samples: list[dict], metric: str, run: str) -> np.ndarray:
     """Per-record values for the paired tests (BLEU: its sufficient statistics, the corpus figure's parts)."""
     key = "bleu_stats" if metric == "bleu" else metric
@@ -157,6 +164,8 @@ def _verdict(rows: list[dict], primary: str, samples: dict[str, list[dict]]) -> 
                            "rerun generate and score on the current test split")
     values = {row["run"]: _record_values(samples[row["run"]], primary, row["run"]) for row in scored}
     label, by_run = QUALITY[primary], {row["run"]: row for row in rows}
+    if len(values) < 2:
+        return [f"Only {', '.join(values)} has {label}: nothing to compare."]
     tied, adjusted = stats.best_or_tied(values, statistic)
     if len(tied) == 1:
         lines = [f"Best {label}: **{tied[0]}** ({quality(by_run[tied[0]], primary)}); a paired bootstrap test "
@@ -175,7 +184,7 @@ def _against_base(rows: list[dict], primary: str, values: dict, statistic) -> st
     bases = {row["model"]: row["run"] for row in rows if row["method"] == "base"}
     better, not_better = [], []
     for row in rows:
-        if row["method"] == "base" or row["run"] not in values:
+        if row["method"] == "base" or row["run"] not in values or bases[row["model"]] not in values:
             continue
         row["p_vs_base"] = stats.paired_bootstrap(values[row["run"]], values[bases[row["model"]]], statistic)
         significant = row["p_vs_base"] < stats.ALPHA and row[f"{primary}_delta_vs_base"] > 0
