@@ -145,7 +145,8 @@ def test_full_table_keeps_every_column_and_any_new_one(tmp_path):
         report._evaluated = original
     columns = next(csv.reader(open(tmp_path / "report2" / "summary.csv")))
     assert {"exact_match", "exact_match_ci95_low", "exact_match[add]", "latency_p95_seconds", "gpus"} <= set(columns)
-    assert "<th>gpus</th>" in (tmp_path / "report2" / "report.html").read_text()
+    page = (tmp_path / "report2" / "report.html").read_text()
+    assert "<th>gpus</th>" in page and "<th>generation tokens/s (batched)</th>" in page
 
 
 def test_report_needs_no_training_or_scoring_packages(three_runs, tmp_path):

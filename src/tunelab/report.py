@@ -196,6 +196,8 @@ def _against_base(rows: list[dict], primary: str, values: dict, statistic) -> st
 
 def _cost_lines(trained: list[dict]) -> list[str]:
     """Fastest training and least memory, claimed only beyond the runs' measured per-step spread."""
+    if len(trained) < 2:
+        return []
     lines = []
     speed = _separated(trained, "_step_tokens_per_second", higher_is_better=True)
     lines.append(f"Fastest training: {speed}." if speed else "Training speed: not ranked (train_metrics.json has no "
@@ -230,4 +232,4 @@ def _separated(rows: list[dict], series: str, higher_is_better: bool) -> str | N
 
 
 def _p(value: float) -> str:
-    return f"{value:.3f}" if value >= 0.001 else "0.001"
+    return f"{value:.4f}" if value < 0.001 else f"{value:.3f}"

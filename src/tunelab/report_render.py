@@ -17,6 +17,11 @@ PLOTS = {"loss_curves.png": "Training and validation loss", "quality_vs_memory.p
          "quality_vs_speed.png": "Quality against training speed (* = Pareto front)",
          "latency.png": "Per-request latency (batch 1)"}
 MISSING = "–"
+LABELS = {"latency_p50_seconds": "latency p50 (batch 1, s)", "latency_p95_seconds": "latency p95 (batch 1, s)",
+          "ttft_p50_seconds": "time to first token p50 (batch 1, s)",
+          "per_token_latency_p50_seconds": "per-token latency p50 (batch 1, s)",
+          "latency_requests": "latency requests (batch 1)",
+          "generated_tokens_per_second": "generation tokens/s (batched)"}  # the full table's names for these keys
 NOTES = ("Quality figures are 0-100 with their bootstrap 95 % interval over test records. Peak memory is the GPU's "
          "peak allocation (memory_kind cuda) or, on CPU, the process's peak RSS. Latency is per request at batch 1 "
          "(p50); generation tokens/s (batched) is in the full table. Runs are scored as they trained (adapters on "
@@ -108,7 +113,8 @@ def html_page(study: str, rows: list[dict], verdict: list[str], primary: str, fi
     images = "".join(f"<figure><img alt='{html.escape(PLOTS[name])}' src='data:image/png;base64,"
                      f"{base64.b64encode(png).decode()}'><figcaption>{html.escape(PLOTS[name])}</figcaption></figure>"
                      for name, png in figures.items())
-    full = _html_table(columns, [[number(row.get(c)) for c in columns] for row in rows], "full")
+    full = _html_table([LABELS.get(c, c) for c in columns], [[number(row.get(c)) for c in columns] for row in rows],
+                       "full")
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>Study {html.escape(study)}</title><link rel='icon' href='data:,'><style>"
             "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 1em}table{border-collapse:collapse;"
