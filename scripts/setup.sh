@@ -3,6 +3,10 @@
 # tunelab with the exact CPU versions of envs/constraints-cpu.txt. Reinstalls when either file changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v chromium > /dev/null; then  # tests/test_report.py checks report.html in a real headless browser
+  sudo=$([ "$(id -u)" -eq 0 ] || echo sudo)
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium > /dev/null
+fi
 stamp=.venv/.tunelab-installed
 if [ -x .venv/bin/tunelab ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt envs/constraints-cpu.txt ]; then
   exit 0

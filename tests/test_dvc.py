@@ -138,9 +138,9 @@ def test_repro_push_then_pull_and_report_in_a_fresh_clone(origin):
 
     laptop = parent / "laptop"
     sh(f"git clone -q {cluster} {laptop}", parent)
-    # The laptop command of docs/cluster.md: the report and each run's JSON files, not the weights.
-    sh(f"dvc pull {RESULTS}/report $(dvc ls --dvc-only -R . {RESULTS}/runs | grep -Ex '[^/]+/[^/]+\\.json' "
-       f"| sed 's|^|{RESULTS}/runs/|')", laptop)
+    # The laptop command of docs/cluster.md: the report, each run's JSON files and per-record scores, not the weights.
+    sh(f"dvc pull {RESULTS}/report $(dvc ls --dvc-only -R . {RESULTS}/runs "
+       f"| grep -Ex '[^/]+/([^/]+\\.json|sample_scores\\.jsonl)' | sed 's|^|{RESULTS}/runs/|')", laptop)
     runs = laptop / RESULTS / "runs"
     assert sorted(p.name for p in runs.iterdir()) == sorted(p.name for p in (cluster / RESULTS / "runs").iterdir())
     for run in runs.iterdir():

@@ -23,13 +23,13 @@ def test_report_has_one_filled_row_per_run(tiny_study):
     rows = summary(tiny_study)
     assert [row["run"] for row in rows] == RUNS + EXPORTS
     for row in rows:
-        for column in ("bleu", "rouge_l", "bertscore_f1", "test_loss", "latency_seconds_mean"):
+        for column in ("exact_match", "exact_match_ci95_low", "bleu", "rouge_l", "bertscore_f1", "test_loss"):
             assert row[column] != "", f"{row['run']}: {column} is empty"
     for row in rows[1:len(RUNS)]:
         for column in ("trainable_parameters", "train_tokens_per_second", "padding_fraction", "peak_memory_gib",
-                       "train_wall_seconds", "bleu_delta_vs_base", "bertscore_f1_delta_vs_base"):
+                       "train_wall_seconds", "bleu_delta_vs_base", "bertscore_f1_delta_vs_base", "p_vs_base"):
             assert row[column] != "", f"{row['run']}: {column} is empty"
-        assert 0 <= float(row["bleu"]) <= 100 and 0 <= float(row["bertscore_f1"]) <= 1
+        assert all(0 <= float(row[metric]) <= 100 for metric in ("exact_match", "bleu", "rouge_l", "bertscore_f1"))
 
 
 def test_fine_tuning_beats_the_untrained_base_on_test_loss(tiny_study):
@@ -70,7 +70,9 @@ def test_report_files_and_plots(tiny_study):
         assert (report / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (report / plot).stat().st_size > 10_000
     markdown = (report / "report.md").read_text()
-    assert all(f"| {run} |" in markdown for run in RUNS) and "Best quality" in markdown
+    assert all(f"| {run} |" in markdown for run in RUNS)
+    assert markdown.startswith("# Study tiny\n\n- Best exact match: ") or markdown.startswith(
+        "# Study tiny\n\n- No single best exact match: ")
     assert (report / "report.html").read_text().count("data:image/png;base64,") == len(PLOTS)
 
 

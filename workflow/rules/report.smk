@@ -1,6 +1,7 @@
 rule report:
     input:
         scores=expand(rules.score.output.scores, run=REFERENCES + RUNS + list(EXPORTS)),
+        samples=expand(rules.score.output.samples, run=REFERENCES + RUNS + list(EXPORTS)),
         evaluations=expand(rules.generate.output.evaluation, run=REFERENCES + RUNS + list(EXPORTS)),
         metrics=expand(rules.train.output.metrics, run=RUNS),
         merges=expand(rules.merge.output.report, run=RUNS),

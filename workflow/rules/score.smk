@@ -1,6 +1,7 @@
 rule score:
     input:
         generations=rules.generate.output.generations,
+        test=rules.data.output.test,
     output:
         scores="results/runs/{run}/scores.json",
         samples="results/runs/{run}/sample_scores.jsonl",
@@ -16,4 +17,4 @@ rule score:
         CPU_ENV
     shell:
         "tunelab score --config {STUDY_FILE} --generations {input.generations} "
-        "--out results/runs/{wildcards.run} > {log} 2>&1"
+        "--data $(dirname {input.test}) --out results/runs/{wildcards.run} > {log} 2>&1"
