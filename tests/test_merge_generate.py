@@ -94,3 +94,53 @@ def test_qlora_merges_into_an_unquantized_base(tiny_base, tiny_tokens, tmp_path)
     assert not any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in merged.modules())
     assert merged.dtype == torch.bfloat16
     assert report["quantization"] == "nf4" and 0 < report["max_logit_difference_vs_trained"] < float("inf")
+
+
+MERGE_TOLERANCE = 2e-2  # largest |logit| difference a bf16 merge may add (bf16 keeps about 3 significant digits)
+
+
+@pytest.fixture(scope="module")
+def moved_adalora(tiny_base, tiny_tokens, tmp_path_factory):
+    """An AdaLoRA run trained until its adapter moves the logits by far more than the merge tolerance."""
+    train = TrainConfig(method="adalora", max_steps=30, eval_every=30, micro_batch_size=8, learning_rate=2e-2,
+                        warmup_steps=0, lora={"dropout": 0.0}, profile={"steps": 0},
+                        adalora={"init_r": 8, "target_r": 4, "tinit": 5, "tfinal": 5, "delta_t": 5})
+    out = tmp_path_factory.mktemp("adalora-moved")
+    run_train(Run(name="tiny-adalora", model="tiny", train=train), tiny_base, tiny_tokens / "tokens", out)
+    return out
+
+
+def _logits(model, tiny_tokens, pad_id: int) -> torch.Tensor:
+    batch = collate(read_jsonl(tiny_tokens / "tokens" / "test.jsonl")[:8], pad_id)
+    with torch.no_grad():
+        logits = model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits[batch["attention_mask"].bool()].float()
+
+
+def test_adalora_merge_keeps_the_logits_of_an_adapter_that_moved_them(moved_adalora, tiny_base, tiny_tokens,
+                                                                       tmp_path, monkeypatch):
+    """Parity within MERGE_TOLERANCE means something only if the adapter moved the logits by >= 100x as much;
+    and the same check fails a merge that drops the adapter."""
+    import shutil
+
+    from peft import PeftModel
+
+    trained, tokenizer, _ = load_for_inference(moved_adalora / "model", None)
+    expected = _logits(trained, tiny_tokens, tokenizer.pad_token_id)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    moved = float((expected - _logits(base, tiny_tokens, tokenizer.pad_token_id)).abs().max())
+    assert moved >= 100 * MERGE_TOLERANCE, f"the adapter moved the logits by {moved:.3g} only"
+
+    report = run_merge(moved_adalora, tiny_tokens / "tokens")
+    merged = AutoModelForCausalLM.from_pretrained(moved_adalora / "merged", dtype=torch.float32)
+    error = float((expected - _logits(merged, tiny_tokens, tokenizer.pad_token_id)).abs().max())
+    print(f"adapter moved the logits by {moved:.3g}; the merge changed them by {error:.3g}")
+    assert error < MERGE_TOLERANCE and report["max_logit_difference_vs_trained"] < MERGE_TOLERANCE
+
+    broken = tmp_path / "broken"
+    shutil.copytree(moved_adalora, broken, ignore=shutil.ignore_patterns("merged"))
+    monkeypatch.setattr(PeftModel, "merge_and_unload", PeftModel.unload)  # the base back, the adapter dropped
+    broken_report = run_merge(broken, tiny_tokens / "tokens")
+    dropped = AutoModelForCausalLM.from_pretrained(broken / "merged", dtype=torch.float32)
+    assert float((expected - _logits(dropped, tiny_tokens, tokenizer.pad_token_id)).abs().max()) > MERGE_TOLERANCE
+    assert broken_report["max_logit_difference_vs_trained"] > MERGE_TOLERANCE

@@ -279,3 +279,39 @@ def test_resume_is_exact_for_adalora_full_and_fp16(tmp_path, tiny_base, tiny_tok
     if method == "adalora":
         assert model.peft_config["default"].rank_pattern == reference.peft_config["default"].rank_pattern
         assert model.peft_config["default"].rank_pattern is not None, "the budget was allocated after the resume"
+
+
+def test_a_run_resumed_inside_its_profiler_window_still_writes_its_trace(tmp_path, tiny_base, tiny_tokens):
+    """Killed inside the profiler window (steps 3-6), the run wrote no trace; resumed at step 5, it profiles
+    steps 5-8 instead and writes one."""
+    from tunelab import modeling
+    from tunelab.artifacts import read_jsonl
+    from tunelab.checkpoint import Checkpoints
+    from tunelab.config import TrainConfig
+    from tunelab.train import attach_method, fit
+
+    train = TrainConfig(max_steps=10, checkpoint_every=0, micro_batch_size=2, eval_every=10,
+                        profile={"start_step": 3, "steps": 4})
+    examples = read_jsonl(tiny_tokens / "tokens" / "train.jsonl")
+    pad = modeling.load_tokenizer(tiny_base).pad_token_id
+    profile = tmp_path / "profile"
+
+    def attempt(checkpoints):
+        model = attach_method(modeling.load_model(tiny_base, train, for_training=True), train)
+        return fit(model, examples, examples[:4], train, pad, profile_dir=profile, checkpoints=checkpoints)
+
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        interrupted = Checkpoints(tmp_path / "checkpoints", train, "test")
+        after_step = interrupted.after_step
+        interrupted.after_step = lambda step: (step == 4 and signal.raise_signal(signal.SIGUSR1), after_step(step))
+        with pytest.raises(SystemExit):
+            attempt(interrupted)
+        assert not profile.exists(), "killed inside the window: no trace yet"
+        metrics = attempt(Checkpoints(tmp_path / "checkpoints", train, "test"))
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert metrics["profiled_steps"] == [5, 8]
+    assert (profile / "trace.json.gz").stat().st_size > 1000
+    assert "aten::" in (profile / "key_averages.txt").read_text()

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from tunelab import modeling
 from tunelab.artifacts import read_json, read_jsonl
-from tunelab.batches import collate, label_tokens, pack
+from tunelab.batches import collate, label_tokens, mean_loss, pack, training_batches
 from tunelab.config import Run, TrainConfig
 from tunelab.errors import TunelabError
-from tunelab.train import attach_method, fit, run_train
+from tunelab.tokenize import IGNORE
+from tunelab.train import attach_method, fit, orthogonality_penalty, run_train
 
 TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 CASES = [  # (method, quantization, precision, steps, other settings)
@@ -25,6 +27,7 @@ CASES = [  # (method, quantization, precision, steps, other settings)
     ("lora", "nf4", "fp32", 20, {"gradient_checkpointing": True, "optimizer": "paged_adamw_8bit"}),
     ("full", "none", "fp32", 20, {"gradient_checkpointing": True, "optimizer": "adamw_8bit"}),
 ]
+SHORT_ADALORA = {"init_r": 8, "target_r": 2, "tinit": 1, "tfinal": 1, "delta_t": 1}  # a 3-step run
 
 
 def settings(**overrides) -> TrainConfig:
@@ -77,13 +80,15 @@ def test_adalora_reallocates_its_rank_budget(tiny_base, tiny_tokens):
     assert len(set(ranks)) > 1, "the budget moved between modules"
 
 
-def test_accumulating_4x2_equals_1x8(tiny_base, tiny_tokens):
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_accumulating_4x2_equals_1x8(tiny_base, tiny_tokens, method):
+    """Also for AdaLoRA, whose orthogonality penalty must count once per optimizer step, not once per micro-batch."""
     examples = read_jsonl(tiny_tokens / "tokens" / "train.jsonl")
     pad = modeling.load_tokenizer(tiny_base).pad_token_id
     weights = []
     for micro, accumulation in ((8, 1), (2, 4)):
-        train = settings(method="lora", max_steps=3, micro_batch_size=micro, gradient_accumulation_steps=accumulation,
-                         group_by_length=False, lora={"dropout": 0.0}, eval_every=3)
+        train = settings(method=method, max_steps=3, micro_batch_size=micro, gradient_accumulation_steps=accumulation,
+                         group_by_length=False, lora={"dropout": 0.0}, eval_every=3, adalora=SHORT_ADALORA)
         model = model_for(tiny_base, train)
         fit(model, examples, examples[:8], train, pad)
         weights.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
@@ -155,3 +160,100 @@ def test_run_train_writes_model_metrics_and_profile(tiny_base, tiny_tokens, tmp_
     assert (tmp_path / "model" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "profile" / "trace.json.gz").stat().st_size > 1000
     assert "aten::" in (tmp_path / "profile" / "key_averages.txt").read_text()
+
+
+@pytest.mark.parametrize("precision, master_weights", [("bf16", "fp32"), ("fp16", "fp32"), ("bf16", "same")])
+def test_half_precision_full_fine_tuning_updates_like_fp32_adamw(tiny_base, tiny_tokens, precision, master_weights):
+    """At lr 1e-5 a bf16 weight can't take most AdamW updates (they are below half its last bit). With fp32 master
+    weights, the weights after 3 steps are what fp32 AdamW makes of the same gradients, and nearly all have moved;
+    the pure-bf16 path (`master_weights: same`), run the same way, fails that check."""
+    train = settings(method="full", precision=precision, master_weights=master_weights, learning_rate=1e-5,
+                     max_steps=3, warmup_steps=0, lr_scheduler="constant_with_warmup", eval_every=3)
+    model = model_for(tiny_base, train)
+    start = [p.detach().float().clone() for p in model.parameters()]
+    gradients = []  # each step's gradients as the optimizer gets them (unscaled, clipped)
+    hook = register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: gradients.append(
+        [p.grad.float().clone() for group in optimizer.param_groups for p in group["params"]]))
+    try:
+        metrics = fit(model, read_jsonl(tiny_tokens / "tokens" / "train.jsonl")[:64], [], train,
+                      modeling.load_tokenizer(tiny_base).pad_token_id)
+    finally:
+        hook.remove()
+    assert len(gradients) == 3
+    reference = [weight.clone().requires_grad_() for weight in start]
+    adamw = torch.optim.AdamW(reference, lr=1e-5, weight_decay=0.0, foreach=False)
+    for step in gradients:
+        for weight, gradient in zip(reference, step):
+            weight.grad = gradient
+        adamw.step()
+    effective = [p.detach().float() for p in model.parameters()]
+    largest = max(float((got - want.detach()).abs().max()) for got, want in zip(effective, reference))
+    moved = sum(int((got != first).sum()) for got, first in zip(effective, start)) / sum(w.numel() for w in start)
+    print(f"{precision}/{master_weights}: largest difference from fp32 AdamW {largest:.3g}, {moved:.1%} moved")
+    assert (largest <= 1e-6 and moved >= 0.99) == (master_weights == "fp32"), (largest, moved)
+    assert metrics["trainable_weights_dtype"] == ("float32" if master_weights == "fp32" else "bfloat16")
+
+
+def test_fp16_without_master_weights_is_refused():
+    with pytest.raises(ValueError, match="master_weights same with precision fp16"):
+        settings(method="full", precision="fp16", master_weights="same")
+
+
+def test_adalora_records_cross_entropy_and_its_penalty_apart(tiny_base, tiny_tokens):
+    """The loss curve is the cross-entropy alone; the orthogonality penalty has its own curve, equal to PEFT's."""
+    train = settings(method="adalora", max_steps=3, group_by_length=False, lora={"dropout": 0.0}, eval_every=3,
+                     adalora=SHORT_ADALORA)
+    examples = read_jsonl(tiny_tokens / "tokens" / "train.jsonl")
+    pad = modeling.load_tokenizer(tiny_base).pad_token_id
+    model = model_for(tiny_base, train)
+    batch = next(training_batches(examples, train.micro_batch_size, pad, seed=train.seed, group_by_length=False))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        cross_entropy = float(torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE))
+        weight = model.peft_config["default"].orth_reg_weight
+        peft_penalty = (float(model(**batch).loss) - cross_entropy) / weight  # PEFT adds it to any loss
+    assert peft_penalty > 0.1, "the penalty is large enough for the test to tell it from the cross-entropy"
+    metrics = fit(model, examples, examples[:8], train, pad)
+    assert metrics["loss_curve"][0][1] == pytest.approx(cross_entropy, rel=1e-5)
+    assert metrics["orthogonality_penalty_curve"][0][1] == pytest.approx(peft_penalty, rel=1e-4)
+    assert metrics["orthogonality_penalty_weight"] == weight
+    assert float(orthogonality_penalty(model)) == pytest.approx(metrics["final_orthogonality_penalty"], rel=0.5)
+
+
+def test_test_loss_runs_in_chunks_within_the_logits_budget(tiny_base, tiny_tokens):
+    """A batch whose logits would exceed the budget runs a few rows at a time; the loss is still the one
+    cross-entropy per label token over all examples (not a mean of chunk means)."""
+    examples = read_jsonl(tiny_tokens / "tokens" / "validation.jsonl")[:10]
+    pad = modeling.load_tokenizer(tiny_base).pad_token_id
+    model = model_for(tiny_base, settings(method="full")).eval()
+    batch = collate(examples, pad)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
+                                                  ignore_index=IGNORE, reduction="none")
+    counts = (batch["labels"][:, 1:] != IGNORE).sum(1)
+    plain = float(per_token.sum() / counts.sum())
+    assert len(set(counts.tolist())) > 1, "rows of different answer lengths: a mean of chunk means would differ"
+    width, vocabulary = batch["input_ids"].shape[1], model.config.vocab_size
+    shapes = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, output: shapes.append(output.shape))
+    try:
+        chunked = mean_loss(model, examples, 10, pad, modeling.autocast(settings(), torch.device("cpu")),
+                            logits_budget=3 * width * vocabulary)
+    finally:
+        hook.remove()
+    assert [shape[0] for shape in shapes] == [3, 3, 3, 1]
+    assert max(s[0] * s[1] * s[2] for s in shapes) <= 3 * width * vocabulary
+    assert chunked == pytest.approx(plain, rel=1e-5)
+    chunk_means = [float(per_token[i:i + 3].sum() / counts[i:i + 3].sum()) for i in range(0, 10, 3)]
+    assert abs(sum(chunk_means) / len(chunk_means) - plain) > 1e-4
+
+
+@pytest.mark.parametrize("profile, problem", [({"start_step": 0}, "greater than or equal to 1"),
+                                              ({"start_step": 7, "steps": 1}, "is after max_steps 6"),
+                                              ({"start_step": 5, "steps": 3}, "ends after max_steps 6")])
+def test_a_profiler_window_that_never_opens_is_refused(profile, problem):
+    with pytest.raises(ValueError, match=problem):
+        settings(max_steps=6, profile=profile)
+    settings(max_steps=6, profile={"start_step": 7, "steps": 0})  # profiler off: the start does not matter

@@ -72,10 +72,20 @@ def label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
+# Most logits one forward of `mean_loss` may produce: 2^27 (a 1,024-token row of a 131k vocabulary). With the
+# half-precision logits, their fp32 copy and the loss's log-softmax that is about 1.3 GB at peak, whatever the
+# batch size: a 152k vocabulary at 1,024 tokens goes one row at a time instead of 32 rows (about 40 GB).
+LOGITS_BUDGET = 2 ** 27
+
+
 @torch.no_grad()
-def mean_loss(model, examples: list[dict], batch_size: int, pad_id: int, autocast) -> float:
+def mean_loss(model, examples: list[dict], batch_size: int, pad_id: int, autocast,
+              logits_budget: int = LOGITS_BUDGET) -> float:
     """Cross-entropy per label token over all `examples` (not a mean of batch means).
 
+    Each batch of `batch_size` runs in chunks of rows whose logits (rows x width x vocabulary) stay within
+    `logits_budget`: at long sequences and large vocabularies, fewer rows per forward. A row's loss does not
+    depend on the other rows of its batch, so chunking changes no figure.
     The loss is taken from the logits, so AdaLoRA's orthogonality penalty (which PEFT adds to any
     returned loss) stays out of the figure.
     """
@@ -83,15 +93,22 @@ def mean_loss(model, examples: list[dict], batch_size: int, pad_id: int, autocas
     model.eval()
     total, count = 0.0, 0
     device = next(model.parameters()).device
+    vocabulary = model.get_output_embeddings().out_features
     for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
-        tokens = label_tokens(batch)
-        with autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        logits = logits.float()  # frees the half-precision logits before the loss: one vocab-sized copy less at peak
-        loss = ForCausalLMLoss(logits, batch["labels"], logits.shape[-1], num_items_in_batch=tokens)
-        del logits  # not held through the next batch's forward
-        total += float(loss) * tokens
-        count += tokens
+        batch = collate(examples[start:start + batch_size], pad_id)
+        rows = max(1, logits_budget // (batch["input_ids"].shape[1] * vocabulary))
+        for first in range(0, len(batch["input_ids"]), rows):
+            chunk = {k: v[first:first + rows].to(device) for k, v in batch.items()}
+            tokens = label_tokens(chunk)
+            if not tokens:  # rows without an answer token (all prompt after truncation) add nothing
+                continue
+            with autocast():
+                logits = model(input_ids=chunk["input_ids"], attention_mask=chunk["attention_mask"],
+                               use_cache=False).logits
+            logits = logits.float()  # frees the half-precision logits before the loss: one copy less at peak
+            loss = ForCausalLMLoss(logits, chunk["labels"], logits.shape[-1], num_items_in_batch=tokens)
+            del logits  # not held through the next chunk's forward
+            total += float(loss) * tokens
+            count += tokens
     model.train(was_training)
     return total / max(count, 1)

@@ -94,7 +94,7 @@ class AdaLoraConfig(Frozen):
 
 
 class ProfileConfig(Frozen):
-    start_step: int = Field(2, ge=0, description="first profiled optimizer step")
+    start_step: int = Field(2, ge=1, description="first profiled optimizer step (1 .. max_steps)")
     steps: int = Field(2, ge=0, description="profiled steps; 0 turns the profiler off")
 
 
@@ -105,6 +105,8 @@ class TrainConfig(Frozen):
     quantization: Quantization = "none"
     attention: Attention = "sdpa"
     precision: Precision = "fp32"
+    master_weights: Literal["fp32", "same"] = Field(
+        "fp32", description="full fine-tuning in bf16/fp16: fp32 master weights (mixed precision) or the precision's own")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     adalora: AdaLoraConfig = Field(default_factory=AdaLoraConfig)
     micro_batch_size: int = Field(8, gt=0)
@@ -127,6 +129,8 @@ class TrainConfig(Frozen):
     checkpoint_keep: int = Field(2, gt=0, description="newest checkpoints kept under results/runs/<run>/checkpoints")
     seed: int = 0
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
+    tracking: list[Literal["dvclive", "tensorboard"]] = Field(
+        ["dvclive"], description="experiment trackers each run logs to, under results/runs/<run>/ (none: [])")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -137,6 +141,12 @@ class TrainConfig(Frozen):
             if budgeting <= 0:
                 raise ValueError(f"adalora tinit+tfinal must leave a budgeting phase within max_steps "
                                  f"{self.max_steps}, got {self.adalora.tinit}+{self.adalora.tfinal}")
+        if self.method == "full" and self.precision == "fp16" and self.master_weights == "same":
+            raise ValueError("master_weights same with precision fp16 can't train: the loss scaler refuses fp16 "
+                             "gradients (use master_weights fp32, or precision bf16)")
+        if self.profile.steps and self.profile.start_step > self.max_steps:
+            raise ValueError(f"profile.start_step {self.profile.start_step} is after max_steps {self.max_steps}: "
+                             "the profiler would never start (lower it, or set profile.steps 0)")
         if self.profile.steps and self.profile.start_step + self.profile.steps - 1 > self.max_steps:
             raise ValueError(f"profile window (steps {self.profile.start_step}..."
                              f"{self.profile.start_step + self.profile.steps - 1}) ends after max_steps {self.max_steps}")
@@ -144,7 +154,7 @@ class TrainConfig(Frozen):
 
 
 # TrainConfig fields that change how a run is logged and checkpointed, never its result
-BOOKKEEPING = frozenset({"checkpoint_every", "checkpoint_keep", "log_every"})
+BOOKKEEPING = frozenset({"checkpoint_every", "checkpoint_keep", "log_every", "tracking"})
 
 
 class GenerationConfig(Frozen):

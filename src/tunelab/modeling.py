@@ -114,8 +114,10 @@ def autocast(train: TrainConfig, device: torch.device):
 
 
 def weights_dtype(train: TrainConfig) -> torch.dtype:
-    """Storage dtype of the base weights: fp16 full fine-tuning keeps fp32 master weights."""
-    if train.precision == "fp16" and train.method == "full":
+    """Storage dtype of the base weights. Full fine-tuning in bf16/fp16 keeps fp32 master weights (unless
+    `master_weights: same`): a bf16 weight can't hold an update below 2^-8 of itself, so at lr 1e-5 most updates
+    would round away. Autocast computes in the precision; memory is that of fp32 weights, gradients and states."""
+    if train.method == "full" and train.master_weights == "fp32":
         return torch.float32
     return DTYPES[train.precision]
 

@@ -29,8 +29,10 @@ from tunelab.batches import label_tokens, mean_loss, real_tokens, training_batch
 from tunelab.checkpoint import Checkpoints, fingerprint
 from tunelab.config import Run, TrainConfig
 from tunelab.errors import TunelabError
+from tunelab.tracking import Trackers, provenance
 
 log = logging.getLogger(__name__)
+FINAL_FIGURES = ("final_loss", "final_validation_loss", "tokens_per_second", "peak_memory_gib", "wall_seconds")
 
 
 def run_train(run: Run, base_dir: Path, tokens_dir: Path, out: Path) -> dict:
@@ -43,12 +45,13 @@ def run_train(run: Run, base_dir: Path, tokens_dir: Path, out: Path) -> dict:
     validation_examples = read_jsonl(tokens_dir / "validation.jsonl")
     checkpoints = Checkpoints(out / "checkpoints", run.train, fingerprint(run.train, path, tokens_dir / "train.jsonl"))
     metrics = fit(model, train_examples, validation_examples, run.train, tokenizer.pad_token_id,
-                  profile_dir=out / "profile", label=run.name, checkpoints=checkpoints)
+                  profile_dir=out / "profile", label=run.name, checkpoints=checkpoints, tracking_dir=out)
     invalidate(out / "train_metrics.json")
     with atomic_dir(out / "model") as model_dir:
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
-    metrics.update(run=run.name, model=run.model, base=path, config=run.train.model_dump(), **_adalora_budget(model))
+    metrics.update(run=run.name, model=run.model, base=path, config=run.train.model_dump(), **_adalora_budget(model),
+                   provenance=provenance())
     metrics.update(wall_seconds=metrics["wall_seconds"] + checkpoints.resumed_wall_seconds,
                    resumed_from_step=checkpoints.resumed_step)
     write_json(out / "train_metrics.json", metrics)
@@ -84,8 +87,10 @@ def attach_method(model, train: TrainConfig):
 
 
 def fit(model, train_examples: list[dict], validation_examples: list[dict], train: TrainConfig, pad_id: int,
-        *, profile_dir: Path | None = None, label: str = "train", checkpoints: Checkpoints | None = None) -> dict:
-    """Run `train.max_steps` optimizer steps on `model` in place; return the run's measurements."""
+        *, profile_dir: Path | None = None, label: str = "train", checkpoints: Checkpoints | None = None,
+        tracking_dir: Path | None = None) -> dict:
+    """Run `train.max_steps` optimizer steps on `model` in place; return the run's measurements.
+    With `tracking_dir`, the trackers of `train.tracking` log there (tunelab.tracking)."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, train)
@@ -95,12 +100,21 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
     autocast = modeling.autocast(train, device)
     batches = training_batches(train_examples, train.micro_batch_size, pad_id, seed=train.seed,
                                group_by_length=train.group_by_length, packing=train.packing)
-    profiler = _Profiler(profile_dir, train.profile, device) if profile_dir and train.profile.steps else None
+    # AdaLoRA: PEFT's AdaLoraModel.forward adds its orthogonality penalty to the loss of every micro-batch. The
+    # underlying model gives the cross-entropy alone (adapters included); the penalty is added once per step below.
+    adalora = train.method == "adalora"
+    forward = model.get_base_model() if adalora else model
+    penalty_weight = model.peft_config["default"].orth_reg_weight if adalora else 0.0
     curves = {"loss": [], "validation_loss": [], "learning_rate": []}
+    if adalora:
+        curves["orthogonality_penalty"] = []
     counted = {"tokens": 0, "padded": 0, "seconds": 0.0}
     _reset_peak_memory(device)
     started = time.perf_counter()
     first = checkpoints.resume(model, optimizer, scheduler, scaler, batches, curves, counted) if checkpoints else 1
+    profiler = (_Profiler(profile_dir, train.profile, device, first=first, max_steps=train.max_steps)
+                if profile_dir and train.profile.steps else None)
+    trackers = Trackers(train.tracking, tracking_dir, label, train.model_dump(), first) if tracking_dir else None
     model.train()
     progress = tqdm(range(first, train.max_steps + 1), desc=label, disable=None)
     for step in progress:
@@ -113,9 +127,13 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
         loss = 0.0
         for batch in micro_batches:
             with autocast():
-                micro_loss = model(**batch, use_cache=False, num_items_in_batch=step_tokens).loss
+                micro_loss = forward(**batch, use_cache=False, num_items_in_batch=step_tokens).loss
             scaler.scale(micro_loss).backward()
             loss += micro_loss.detach()  # read once the optimizer step is queued: the GPU never waits on it
+        if penalty_weight:  # AdaLoRA: once per optimizer step, whatever the accumulation
+            penalty = orthogonality_penalty(model)
+            scaler.scale(penalty_weight * penalty).backward()
+            curves["orthogonality_penalty"].append([step, float(penalty)])
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
         scaler.step(optimizer)
@@ -137,9 +155,17 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
         counted["padded"] += sum(b["input_ids"].numel() for b in host_batches) - step_real_tokens
         curves["loss"].append([step, loss])
         curves["learning_rate"].append([step, scheduler.get_last_lr()[0]])
+        logged = {"loss": loss, "learning_rate": scheduler.get_last_lr()[0]}
         if step % train.eval_every == 0 or step == train.max_steps:
             validation = mean_loss(model, validation_examples, train.micro_batch_size, pad_id, autocast)
             curves["validation_loss"].append([step, validation])
+            logged["validation_loss"] = validation
+        if trackers:
+            if penalty_weight:
+                logged["orthogonality_penalty"] = curves["orthogonality_penalty"][-1][1]
+            if counted["seconds"]:
+                logged["tokens_per_second"] = counted["tokens"] / counted["seconds"]
+            trackers.log_step(step, {**logged, "peak_memory_gib": _peak_memory(device)["peak_memory_gib"]})
         if step % train.log_every == 0 or step == train.max_steps:
             progress.set_postfix(loss=f"{loss:.3f}")
             log.info("%s step %d/%d loss %.4f lr %.2e tok/s %.0f peak %.2f GiB", label, step, train.max_steps, loss,
@@ -148,15 +174,36 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
         if checkpoints:
             checkpoints.after_step(step)
     all_tokens = counted["tokens"] + counted["padded"]
-    return {
+    extra = {}
+    if adalora:
+        extra = {"orthogonality_penalty_curve": curves["orthogonality_penalty"], "orthogonality_penalty_weight":
+                 penalty_weight, "final_orthogonality_penalty": curves["orthogonality_penalty"][-1][1]}
+    if profiler:
+        extra["profiled_steps"] = [profiler.first, profiler.last]
+    results = {
         "steps": train.max_steps, "loss_curve": curves["loss"], "validation_loss_curve": curves["validation_loss"],
         "learning_rate_curve": curves["learning_rate"], "final_loss": curves["loss"][-1][1],
+        "trainable_weights_dtype": str(params[0].dtype).removeprefix("torch."), **extra,
         "final_validation_loss": curves["validation_loss"][-1][1],
         "tokens_per_second": counted["tokens"] / max(counted["seconds"], 1e-9),
         "padding_fraction": counted["padded"] / max(all_tokens, 1),
         "wall_seconds": time.perf_counter() - started, "device": str(device),
         "trainable_parameters": sum(p.numel() for p in params),
         "total_parameters": sum(p.numel() for p in model.parameters()), **_peak_memory(device)}
+    if trackers:
+        trackers.finish({key: results[key] for key in FINAL_FIGURES})
+    return results
+
+
+def orthogonality_penalty(model) -> torch.Tensor:
+    """AdaLoRA's regulariser (Zhang et al. 2023, eq. 4): the mean over adapters of ||P^T P - I||_F for each
+    right singular-vector matrix A (r x in, rows orthonormal) and left one B (out x r, columns orthonormal)."""
+    terms = []
+    for name, weight in model.named_parameters():
+        if weight.requires_grad and (".lora_A." in name or ".lora_B." in name):
+            gram = weight @ weight.T if ".lora_A." in name else weight.T @ weight
+            terms.append(torch.linalg.matrix_norm(gram - torch.eye(len(gram), device=gram.device, dtype=gram.dtype)))
+    return torch.stack(terms).mean()
 
 
 def _check_step(step: int, loss: float, params: list[torch.Tensor], label: str) -> None:
@@ -207,8 +254,13 @@ def _adalora_budget(model) -> dict:
 class _Profiler:
     """torch.profiler over a window of optimizer steps: a Chrome trace and the key_averages table."""
 
-    def __init__(self, out: Path, window, device: torch.device):
-        self.out, self.first, self.last = out, window.start_step, window.start_step + window.steps - 1
+    def __init__(self, out: Path, window, device: torch.device, *, first: int, max_steps: int):
+        """A run resumed at step `first` inside or after the window, whose trace the killed attempt did not
+        write, profiles `window.steps` steps from `first` instead (as many as are left)."""
+        self.out, self.first = out, window.start_step
+        if first > self.first and not (out / "trace.json.gz").is_file():
+            self.first = first
+        self.last = min(self.first + window.steps - 1, max_steps)
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -219,7 +271,7 @@ class _Profiler:
             self.profile.start()
 
     def after(self, step: int) -> None:
-        if step == self.last and self.profile.profiler is not None:  # not started: resumed inside the window
+        if step == self.last and self.profile.profiler is not None:  # not started: resumed after a written trace
             self.profile.stop()
             with atomic_dir(self.out) as tmp:
                 self.profile.export_chrome_trace(str(tmp / "trace.json.gz"))

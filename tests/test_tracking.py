@@ -1,0 +1,167 @@
+"""Experiment tracking (DVCLive, TensorBoard) and provenance of a training run, read back from the files written."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tunelab import modeling
+from tunelab.artifacts import read_json, read_jsonl
+from tunelab.checkpoint import Checkpoints, fingerprint
+from tunelab.config import BOOKKEEPING, Run, TrainConfig
+from tunelab.train import attach_method, fit, run_train
+from conftest import REPO
+
+TRACKED = dict(max_steps=6, eval_every=3, micro_batch_size=4, learning_rate=3e-3, warmup_steps=0,
+               profile={"steps": 0}, tracking=["dvclive", "tensorboard"])
+
+
+def dvclive_table(out, name: str) -> list[tuple[int, float]]:
+    with open(out / "dvclive" / "plots" / "metrics" / "train" / f"{name}.tsv", newline="") as handle:
+        return [(int(row["step"]), float(row[name])) for row in csv.DictReader(handle, delimiter="\t")]
+
+
+def tensorboard_scalars(out, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def test_a_run_logs_params_steps_and_final_figures_to_each_tracker(tiny_base, tiny_tokens, tmp_path):
+    run = Run(name="tracked", model="tiny", train=TrainConfig(**TRACKED))
+    metrics = run_train(run, tiny_base, tiny_tokens / "tokens", tmp_path)
+    losses = [(step, pytest.approx(loss, rel=1e-6)) for step, loss in metrics["loss_curve"]]
+
+    params = yaml.safe_load((tmp_path / "dvclive" / "params.yaml").read_text())
+    assert params["run"] == "tracked" and params["learning_rate"] == 3e-3 and params["lora"]["r"] == 16
+    assert dvclive_table(tmp_path, "loss") == losses
+    assert [step for step, _ in dvclive_table(tmp_path, "validation_loss")] == [3, 6]
+    assert [step for step, _ in dvclive_table(tmp_path, "tokens_per_second")] == [2, 3, 4, 5, 6]  # step 1 is warm-up
+    assert all(memory > 0 for _, memory in dvclive_table(tmp_path, "peak_memory_gib"))
+    final = read_json(tmp_path / "dvclive" / "metrics.json")
+    assert final["final_loss"] == pytest.approx(metrics["final_loss"], rel=1e-6)
+    assert final["final_validation_loss"] == pytest.approx(metrics["final_validation_loss"], rel=1e-6)
+    assert not (tmp_path / "dvclive" / "dvc.yaml").exists() and not (tmp_path / "dvc.yaml").exists()
+
+    assert tensorboard_scalars(tmp_path, "train/loss") == losses
+    assert tensorboard_scalars(tmp_path, "final/final_loss")[0][1] == pytest.approx(metrics["final_loss"], rel=1e-6)
+
+
+def test_a_resumed_run_continues_the_same_step_axis(tiny_base, tiny_tokens, tmp_path):
+    """Killed hard at step 5 after a checkpoint at step 3: steps 4 and 5 were logged twice, once by each attempt;
+    the tables keep each step once, with the values of the run that finished."""
+    train = TrainConfig(**{**TRACKED, "checkpoint_every": 3})
+    examples = read_jsonl(tiny_tokens / "tokens" / "train.jsonl")
+    pad = modeling.load_tokenizer(tiny_base).pad_token_id
+
+    def attempt(checkpoints):
+        model = attach_method(modeling.load_model(tiny_base, train, for_training=True), train)
+        return fit(model, examples, examples[:8], train, pad, checkpoints=checkpoints, tracking_dir=tmp_path,
+                   label="tracked")
+
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        killed = Checkpoints(tmp_path / "checkpoints", train, "test")
+        after_step = killed.after_step
+
+        def die_at_step_5(step):
+            after_step(step)
+            if step == 5:
+                raise KeyboardInterrupt("killed")
+
+        killed.after_step = die_at_step_5
+        with pytest.raises(KeyboardInterrupt):
+            attempt(killed)
+        assert [step for step, _ in dvclive_table(tmp_path, "loss")] == [1, 2, 3, 4, 5]
+        resumed = Checkpoints(tmp_path / "checkpoints", train, "test")
+        metrics = attempt(resumed)
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert resumed.resumed_step == 3
+    expected = [(step, pytest.approx(loss, rel=1e-6)) for step, loss in metrics["loss_curve"]]
+    assert dvclive_table(tmp_path, "loss") == expected
+    assert tensorboard_scalars(tmp_path, "train/loss") == expected
+
+
+def test_tracking_is_bookkeeping_and_each_tracker_is_imported_only_when_chosen(tiny_base, tiny_tokens):
+    assert "tracking" in BOOKKEEPING, "changing trackers reruns no training (workflow/rules/common.smk)"
+    tokens = tiny_tokens / "tokens" / "train.jsonl"
+    assert fingerprint(TrainConfig(tracking=[]), str(tiny_base), tokens) == fingerprint(
+        TrainConfig(tracking=["dvclive", "tensorboard"]), str(tiny_base), tokens)
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys, tunelab.train; print(sorted(m for m in sys.modules if m in "
+                               "('dvclive', 'torch.utils.tensorboard', 'tensorboard')))"],
+        capture_output=True, text=True, check=True, cwd=REPO).stdout.strip()
+    assert imported == "[]"
+
+
+def test_train_metrics_record_provenance(tiny_base, tiny_tokens, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("APPTAINER_NAME", "train.sif")
+    run = Run(name="p", model="tiny", train=TrainConfig(**{**TRACKED, "max_steps": 2, "eval_every": 2,
+                                                           "tracking": []}))
+    run_train(run, tiny_base, tiny_tokens / "tokens", tmp_path)
+    provenance = read_json(tmp_path / "train_metrics.json")["provenance"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert provenance["git_commit"] == head and isinstance(provenance["git_dirty"], bool)
+    assert provenance["versions"]["torch"] == torch.__version__
+    assert provenance["versions"]["peft"] and "bitsandbytes" in provenance["versions"]
+    assert provenance["container"] == {"APPTAINER_NAME": "train.sif"}
+    assert not (tmp_path / "dvclive").exists() and not (tmp_path / "tensorboard").exists(), "tracking: [] logs nothing"
+
+
+def _declared_metrics() -> list[str]:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["metrics"]
+
+
+def test_dvc_yaml_declares_the_tracker_files_of_every_run_once():
+    from tunelab.config import load_study
+
+    expected = [f"{root}/{run.name}/dvclive/metrics.json" for root, study in (
+        ("tiny/results/runs", "studies/tiny.yaml"), ("results/runs", "config.yaml"))
+        for run in load_study(REPO / study).runs]
+    assert _declared_metrics() == expected
+    plots = {name: spec for plot in yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+             for name, spec in plot.items()}
+    declared_series = [path for spec in plots.values() for path in spec["y"]]
+    assert declared_series == [path.replace("metrics.json", "plots/metrics/train/loss.tsv") for path in expected]
+
+
+def test_dvc_shows_each_runs_final_loss_and_loss_series(tiny_study, tmp_path):
+    """The tiny study's tracker files where `dvc repro tiny` puts them, in a repository with this dvc.yaml."""
+    import json
+    import shutil
+
+    from tunelab.config import load_study
+
+    from test_dvc import sh
+
+    runs = [run.name for run in load_study(REPO / "studies" / "tiny.yaml").runs]
+    for run in runs:
+        shutil.copytree(tiny_study / "results" / "runs" / run / "dvclive", tmp_path / "tiny/results/runs" / run / "dvclive")
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    sh("git init -q && dvc init -q && git add -A && git commit -qm 'tracker files'", tmp_path)
+
+    shown = json.loads(sh("dvc metrics show --json 2>/dev/null", tmp_path))[""]["data"]
+    for run in runs:
+        final_loss = read_json(tiny_study / "results" / "runs" / run / "train_metrics.json")["final_loss"]
+        assert shown[f"tiny/results/runs/{run}/dvclive/metrics.json"]["data"]["final_loss"] == pytest.approx(final_loss)
+
+    plots = json.loads(sh("dvc plots show --json 2>/dev/null", tmp_path))["data"]["tiny_training_loss"][0]
+    series = {}
+    for point in plots["content"]["data"]["values"]:
+        series.setdefault(point["filename"].split("/")[0], []).append(int(point["step"]))
+    steps = {run: read_json(tiny_study / "results" / "runs" / run / "train_metrics.json")["steps"] for run in runs}
+    assert series == {run: list(range(1, steps[run] + 1)) for run in runs}, "one loss series per run, every step once"
+
+    diff = json.loads(sh("dvc plots diff HEAD --json 2>/dev/null", tmp_path))["data"]["tiny_training_loss"][0]
+    assert set(diff["revisions"]) == {"HEAD", "workspace"}
