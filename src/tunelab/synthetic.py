@@ -50,13 +50,22 @@ FAMILIES = {"copy": _copy, "reverse": _reverse, "capitalise": _capitalise, "add"
 
 
 def alpaca_records(count: int, seed: int = 0) -> list[dict]:
-    """`count` Alpaca-format records, the families in turn, each tagged with its `category`."""
+    """`count` Alpaca-format records, the families in turn, each tagged with its `category`.
+
+    A family draws again (up to 100 times) rather than repeat a record: the data stage drops exact duplicates,
+    and a test record must not be a training record.
+    """
     rng = random.Random(seed)
     names = list(FAMILIES)
-    records = []
+    records, seen = [], set()
     for index in range(count):
         category = names[index % len(names)]
-        instruction, input_text, output = FAMILIES[category](rng)
+        for _ in range(100):
+            record = FAMILIES[category](rng)
+            if record not in seen:
+                break
+        seen.add(record)
+        instruction, input_text, output = record
         records.append({"instruction": instruction, "input": input_text, "output": output, "category": category})
     return records
 
