@@ -153,6 +153,9 @@ def test_the_study_runs_on_the_alpaca_demo_records(tmp_path):
     study["data"].update(source=str(DEMO), test_size=24, max_length=128)
     study["models"]["tiny"]["tiny"].update(warmup_steps=100)
     study["train"].update(max_steps=60, eval_every=30)
+    for run in study["runs"]:
+        if run["method"] == "adalora":  # its schedule must leave a budgeting phase within 60 steps
+            run["adalora"].update(tinit=10, tfinal=20)
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(study))
     result = run_snakemake(tmp_path, tmp_path / "demo.yaml")
     assert result.returncode == 0, result.stderr[-4000:]
