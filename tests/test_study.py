@@ -1,17 +1,43 @@
-"""The whole tiny study through Snakemake, as the README's main command runs it."""
+"""The whole tiny study through Snakemake, as the README's main command runs it, and the effect it promises:
+fine-tuning turns a base that solves none of the tasks into runs that solve them."""
 
 from __future__ import annotations
 
 import csv
+import math
+from collections import Counter
 
 import yaml
 
 from tunelab.artifacts import read_json, read_jsonl
 from conftest import DEMO, REPO, run_snakemake
 
-RUNS = ["base-tiny", "tiny-lora", "tiny-adalora", "tiny-full"]
+RUNS = ["base-tiny", "tiny-lora", "tiny-qlora", "tiny-adalora", "tiny-full"]
+TRAINED = RUNS[1:]
+FAMILIES = {"copy", "reverse", "capitalise", "add"}
 EXPORTS = ["tiny-lora.nf4", "tiny-lora.int8", "tiny-lora.pruned_int8"]
 PLOTS = ["loss_curves.png", "quality_vs_memory.png", "quality_vs_speed.png", "latency.png"]
+
+
+def exact_matches(workdir, run) -> list[tuple[str, bool]]:
+    """(task family, whitespace-normalised prediction == reference) of each test record, in test order."""
+    rows = read_jsonl(workdir / "results" / "runs" / run / "generations.jsonl")
+    return [(row["category"], " ".join(row["prediction"].split()) == " ".join(row["reference"].split()))
+            for row in rows]
+
+
+def exact_match_by_family(matches: list[tuple[str, bool]]) -> dict[str, float]:
+    """Exact match in percent per task family."""
+    by_family: dict[str, list[bool]] = {}
+    for family, correct in matches:
+        by_family.setdefault(family, []).append(correct)
+    return {family: 100 * sum(hits) / len(hits) for family, hits in by_family.items()}
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """One-sided exact sign (McNemar) test on the discordant pairs: P(>= wins of wins+losses) under p=0.5."""
+    pairs = wins + losses
+    return sum(math.comb(pairs, k) for k in range(wins, pairs + 1)) / 2 ** pairs
 
 
 def summary(workdir):
@@ -25,7 +51,7 @@ def test_report_has_one_filled_row_per_run(tiny_study):
     for row in rows:
         for column in ("exact_match", "exact_match_ci95_low", "bleu", "rouge_l", "bertscore_f1", "test_loss"):
             assert row[column] != "", f"{row['run']}: {column} is empty"
-    for row in rows[1:len(RUNS)]:
+    for row in rows[1:len(RUNS)]:  # the trained runs
         for column in ("trainable_parameters", "train_tokens_per_second", "padding_fraction", "peak_memory_gib",
                        "train_wall_seconds", "bleu_delta_vs_base", "bertscore_f1_delta_vs_base", "p_vs_base"):
             assert row[column] != "", f"{row['run']}: {column} is empty"
@@ -35,23 +61,55 @@ def test_report_has_one_filled_row_per_run(tiny_study):
 def test_fine_tuning_beats_the_untrained_base_on_test_loss(tiny_study):
     rows = {row["run"]: row for row in summary(tiny_study)}
     base = float(rows["base-tiny"]["test_loss"])
-    for run in RUNS[1:]:
+    for run in TRAINED:
         assert float(rows[run]["test_loss"]) < base, f"{run} did not learn"
         generations = read_jsonl(tiny_study / "results" / "runs" / run / "generations.jsonl")
         empty = sum(not g["prediction"].strip() for g in generations)
         assert empty <= len(generations) // 10, f"{run}: {empty}/{len(generations)} empty answers"
 
 
+def test_every_family_is_tested_and_tagged_through_generation(tiny_study):
+    test = read_jsonl(tiny_study / "results" / "data" / "test.jsonl")
+    counts = Counter(record["category"] for record in test)
+    assert set(counts) == FAMILIES and min(counts.values()) >= 20, counts  # enough for a per-family claim
+    for run in RUNS + EXPORTS:
+        assert [family for family, _ in exact_matches(tiny_study, run)] == [r["category"] for r in test], run
+
+
+def test_the_untrained_base_solves_no_family(tiny_study):
+    base = exact_match_by_family(exact_matches(tiny_study, "base-tiny"))
+    assert set(base) == FAMILIES and max(base.values()) <= 5, base
+
+
+def test_the_best_run_solves_every_family(tiny_study):
+    scores = {run: exact_matches(tiny_study, run) for run in TRAINED}
+    best = max(TRAINED, key=lambda run: sum(correct for _, correct in scores[run]))
+    by_family = exact_match_by_family(scores[best])
+    assert set(by_family) == FAMILIES and min(by_family.values()) >= 80, (best, by_family)
+
+
+def test_every_trained_run_beats_the_base_in_a_paired_test(tiny_study):
+    base = [correct for _, correct in exact_matches(tiny_study, "base-tiny")]
+    for run in TRAINED:
+        trained = [correct for _, correct in exact_matches(tiny_study, run)]
+        wins = sum(t and not b for t, b in zip(trained, base))
+        losses = sum(b and not t for t, b in zip(trained, base))
+        assert sign_test_p(wins, losses) < 0.05, f"{run}: {wins} wins, {losses} losses vs the base"
+
+
 def test_every_run_directory_is_complete(tiny_study):
-    for run in RUNS[1:]:
+    steps = yaml.safe_load((tiny_study / "tiny.yaml").read_text())["train"]["max_steps"]
+    for run in TRAINED:
         run_dir = tiny_study / "results" / "runs" / run
         metrics = read_json(run_dir / "train_metrics.json")
-        assert metrics["run"] == run and metrics["steps"] == 150
+        assert metrics["run"] == run and metrics["steps"] == steps
         for name in ("generations.jsonl", "eval.json", "scores.json", "merge.json", "logs/train.log",
                      "profile/trace.json.gz", "profile/key_averages.txt", "merged/model.safetensors"):
             assert (run_dir / name).is_file(), f"{run}: {name} is missing"
-    assert read_json(tiny_study / "results" / "runs" / "tiny-adalora" / "train_metrics.json")[
-        "adalora_rank_budget"]["final"] < 12 * 14
+    assert read_json(tiny_study / "results" / "runs" / "tiny-qlora" / "train_metrics.json")[
+        "config"]["quantization"] == "nf4"
+    adalora = read_json(tiny_study / "results" / "runs" / "tiny-adalora" / "train_metrics.json")
+    assert adalora["adalora_rank_budget"]["final"] < adalora["adalora_rank_budget"]["initial"]
 
 
 def test_quantized_exports_are_scored_next_to_their_run(tiny_study):
@@ -97,6 +155,9 @@ def test_the_study_runs_on_the_alpaca_demo_records(tmp_path):
     study["data"].update(source=str(DEMO), test_size=24, max_length=128)
     study["models"]["tiny"]["tiny"].update(warmup_steps=100)
     study["train"].update(max_steps=60, eval_every=30)
+    for run in study["runs"]:
+        if run["method"] == "adalora":  # its schedule must leave a budgeting phase within 60 steps
+            run["adalora"].update(tinit=10, tfinal=20)
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(study))
     result = run_snakemake(tmp_path, tmp_path / "demo.yaml")
     assert result.returncode == 0, result.stderr[-4000:]

@@ -87,7 +87,7 @@ def _parse(text: str, where: str) -> object:
 
 
 def _check_records(records: list, source: str) -> list[dict]:
-    """Keep instruction/input/output as strings; name the first bad records, all at once."""
+    """Keep instruction/input/output as strings (and `category`); name the first bad records, all at once."""
     problems, clean = [], []
     for index, record in enumerate(records):
         problem = _record_problem(record)
@@ -95,13 +95,19 @@ def _check_records(records: list, source: str) -> list[dict]:
             problems.append(f"{source}: record {index}: {problem}")
         else:
             clean.append({"instruction": record["instruction"], "input": record.get("input") or "",
-                          "output": record["output"]})
+                          "output": record["output"], **_category(record)})
     if problems:
         more = f"\n... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise TunelabError("\n".join(problems[:10]) + more)
     if not clean:
         raise TunelabError(f"{source}: the dataset is empty")
     return clean
+
+
+def _category(record: dict) -> dict:
+    """A record's `category` (its task family, for per-family scores), kept when it is a string."""
+    category = record.get("category")
+    return {"category": category} if isinstance(category, str) and category else {}
 
 
 def _record_problem(record: object) -> str | None:

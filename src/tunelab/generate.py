@@ -117,4 +117,6 @@ def _generate(model, tokenizer, records: list[dict], settings: GenerationConfig,
             results[index] = {"index": index, "prompt": prompts[index], "reference": records[index]["output"],
                               "prediction": tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                               "new_tokens": length, "latency_seconds": seconds / len(indices)}
+            if "category" in records[index]:  # the task family, for per-family scores
+                results[index]["category"] = records[index]["category"]
     return [results[i] for i in range(len(records))], total_seconds
