@@ -37,8 +37,8 @@ def test_merged_model_reloads_with_plain_transformers_and_matches(trained_run, t
     with torch.no_grad():
         expected, got = trained.eval()(**inputs).logits[mask], merged.eval()(**inputs).logits[mask]
     scale = expected.abs().max()
-    assert (expected - got).abs().max() / scale < 2e-2  # bf16 export: about 3 significant digits
-    assert report["max_logit_difference_vs_trained"] / scale < 2e-2
+    assert (expected - got).abs().max() / scale < 1e-4  # saved in the run's fp32: no rounding
+    assert report["max_logit_difference_vs_trained"] / scale < 1e-4 and report["top1_agreement_vs_trained"] >= 0.99
     assert report["size_bytes"] > 0 and (trained_run / "merged" / "tokenizer.json").is_file()
 
 
@@ -79,18 +79,3 @@ def test_exports_reload_quantized_and_answer_prompts(trained_run, tiny_tokens, t
                  "--prompt", "Add the two numbers.", "--prompt", "Repeat the words: red fox"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and len(lines) == 2 and '"instruction": "Add the two numbers."' in lines[0]
-
-
-def test_qlora_merges_into_an_unquantized_base(tiny_base, tiny_tokens, tmp_path):
-    """A 4-bit run's adapter goes into the base loaded in bf16, never into the 4-bit weights; the logit gap
-    against the 4-bit model it trained as is recorded."""
-    import bitsandbytes as bnb
-
-    train = TrainConfig(method="lora", quantization="nf4", max_steps=4, eval_every=4, micro_batch_size=4,
-                        profile={"steps": 0})
-    run_train(Run(name="tiny-qlora", model="tiny", train=train), tiny_base, tiny_tokens / "tokens", tmp_path)
-    report = run_merge(tmp_path, tiny_tokens / "tokens")
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    assert not any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in merged.modules())
-    assert merged.dtype == torch.bfloat16
-    assert report["quantization"] == "nf4" and 0 < report["max_logit_difference_vs_trained"] < float("inf")

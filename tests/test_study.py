@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 import yaml
 
 from tunelab.artifacts import read_json, read_jsonl
 from conftest import DEMO, REPO, run_snakemake
 
 RUNS = ["base-tiny", "tiny-lora", "tiny-adalora", "tiny-full"]
+MERGED = ["tiny-lora.merged", "tiny-adalora.merged", "tiny-full.merged"]
 EXPORTS = ["tiny-lora.nf4", "tiny-lora.int8", "tiny-lora.pruned_int8"]
 PLOTS = ["loss_curves.png", "quality_vs_memory.png", "quality_vs_speed.png", "latency.png"]
 
@@ -21,7 +23,7 @@ def summary(workdir):
 
 def test_report_has_one_filled_row_per_run(tiny_study):
     rows = summary(tiny_study)
-    assert [row["run"] for row in rows] == RUNS + EXPORTS
+    assert [row["run"] for row in rows] == RUNS + MERGED + EXPORTS
     for row in rows:
         for column in ("bleu", "rouge_l", "bertscore_f1", "test_loss", "latency_seconds_mean"):
             assert row[column] != "", f"{row['run']}: {column} is empty"
@@ -64,6 +66,16 @@ def test_quantized_exports_are_scored_next_to_their_run(tiny_study):
         assert float(rows[name]["test_loss"]) < float(rows["base-tiny"]["test_loss"])
 
 
+def test_merged_models_are_scored_as_rows_and_equal_their_runs(tiny_study):
+    """<run>.merged rows: the merged model generated and scored like a run; merging an fp32 run costs nothing."""
+    rows = {row["run"]: row for row in summary(tiny_study)}
+    for name in MERGED:
+        run, merged = rows[name.removesuffix(".merged")], rows[name]
+        assert merged["export"] == "merged" and merged["bertscore_f1"] != ""
+        assert float(merged["test_loss"]) == pytest.approx(float(run["test_loss"]), rel=1e-4)
+        assert float(merged["merge_max_logit_difference"]) < 1e-3
+
+
 def test_report_files_and_plots(tiny_study):
     report = tiny_study / "results" / "report"
     for plot in PLOTS:
@@ -86,7 +98,7 @@ def test_changing_one_run_reruns_only_it_and_the_report(tiny_study, tmp_path):
     changed.write_text(yaml.safe_dump(study))
     result = run_snakemake(tiny_study, changed, "-n")
     planned = [line.split("run=")[1] for line in result.stdout.splitlines() if "wildcards: run=" in line]
-    assert sorted(set(planned)) == ["tiny-lora", *sorted(EXPORTS)], result.stdout[-3000:]  # its exports follow it
+    assert sorted(set(planned)) == sorted(["tiny-lora", "tiny-lora.merged", *EXPORTS]), result.stdout[-3000:]
     assert "report" in result.stdout
 
 
@@ -99,7 +111,7 @@ def test_the_study_runs_on_the_alpaca_demo_records(tmp_path):
     result = run_snakemake(tmp_path, tmp_path / "demo.yaml")
     assert result.returncode == 0, result.stderr[-4000:]
     assert read_json(tmp_path / "results" / "data" / "stats.json")["records"] == 999
-    assert [row["run"] for row in summary(tmp_path)] == RUNS + EXPORTS
+    assert [row["run"] for row in summary(tmp_path)] == RUNS + MERGED + EXPORTS
     assert read_json(tmp_path / "results" / "tokens" / "tiny" / "stats.json")["train"]["truncated"] > 0
 
 

@@ -55,7 +55,7 @@ def _merge(study: Study, args) -> None:
     from tunelab.merge import run_merge
 
     study.run(args.run)
-    run_merge(args.out, args.tokens)
+    run_merge(args.out, args.tokens, study.merge)
 
 
 def _generate(study: Study, args) -> None:
@@ -77,7 +77,9 @@ def _generate(study: Study, args) -> None:
         raise TunelabError(f"generate needs {', '.join(missing)} (or --model DIR --prompt TEXT)")
     reference = args.run in study.reference_runs
     model_dir = None if reference else args.out / "model"
-    if not reference and args.run not in study.export_runs:
+    if args.run in study.merged_runs:  # a run's merged model, scored as its own row
+        model_dir = args.out.parent / study.merged_runs[args.run] / "merged"
+    elif not reference and args.run not in study.export_runs:
         study.run(args.run)
     run_generate(model_dir, args.base, args.data, args.tokens, study.generation, args.out)
 

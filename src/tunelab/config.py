@@ -164,6 +164,15 @@ class MetricsConfig(Frozen):
     codebleu_lang: str = "python"
 
 
+class MergeConfig(Frozen):
+    """How a run becomes one plain model (`results/runs/<run>/merged`)."""
+
+    base: Literal["dequantized", "original"] = Field(
+        "dequantized", description="weights a QLoRA adapter merges into: its dequantised 4-bit base (what it "
+                                   "trained against) or the original full-precision base")
+    score: bool = Field(True, description="generate and score each run's merged model as its own row <run>.merged")
+
+
 ExportFormat = Literal["nf4", "int8", "pruned_int8"]
 
 
@@ -191,6 +200,7 @@ class Study(Frozen):
     generation: GenerationConfig
     metrics: MetricsConfig
     exports: ExportConfig
+    merge: MergeConfig = Field(default_factory=MergeConfig)
     path: Path
 
     def run(self, name: str) -> Run:
@@ -213,6 +223,11 @@ class Study(Frozen):
         runs = self.exports.runs if self.exports.runs is not None else [r.name for r in self.runs]
         return {f"{run}.{fmt}": (run, fmt) for run in runs for fmt in self.exports.formats}
 
+    @property
+    def merged_runs(self) -> dict[str, str]:
+        """Each scored merged model's name (`<run>.merged`) and its run; none unless `merge.score`."""
+        return {f"{run.name}.merged": run.name for run in self.runs} if self.merge.score else {}
+
 
 class _StudyFile(Frozen):
     """The YAML as written: `runs` entries may hold lists, expanded into a grid."""
@@ -225,6 +240,7 @@ class _StudyFile(Frozen):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     exports: ExportConfig = Field(default_factory=ExportConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
 
 
 GRID_KEYS = ("model", "method", "quantization", "attention", "precision")
@@ -259,7 +275,8 @@ def load_study(path: str | Path) -> Study:
     if problems:
         raise TunelabError("\n".join(problems))
     return Study(name=study_file.name, data=study_file.data, models=study_file.models, runs=runs,
-                 generation=study_file.generation, metrics=study_file.metrics, exports=study_file.exports, path=path)
+                 generation=study_file.generation, metrics=study_file.metrics, exports=study_file.exports,
+                 merge=study_file.merge, path=path)
 
 
 def _expand(entry: dict) -> list[dict]:

@@ -56,6 +56,11 @@ def collect(study: Study, runs_dir: Path) -> list[dict]:
         rows.append(_evaluated(runs_dir / study.reference_name(model), study.reference_name(model), model, None))
     rows += [{**_evaluated(runs_dir / run.name, run.name, run.model, run.train), **_trained(runs_dir / run.name)}
              for run in study.runs]
+    for name, source in study.merged_runs.items():  # what merging costs: the merged model as its own row
+        run, merge = study.run(source), read_json(runs_dir / source / "merge.json")
+        rows.append({**_evaluated(runs_dir / name, name, run.model, run.train), "export": "merged",
+                     "size_on_disk_mb": merge["size_bytes"] / 1e6,
+                     "merge_max_logit_difference": merge["max_logit_difference_vs_trained"]})
     for name, (source, export_format) in study.export_runs.items():
         run = study.run(source)
         export = read_json(runs_dir / name / "export.json")
@@ -150,8 +155,9 @@ def _markdown(study: Study, rows: list[dict], verdict: list[str]) -> str:
              "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_format(row.get(c)) for c in shown) + " |" for row in rows]
     lines += ["", "Memory is peak GPU memory allocated (memory_kind cuda) or the process's peak RSS (cpu_rss). "
-              "Runs are scored as they trained (adapters on their base); their size_on_disk_mb is that of the bf16 "
-              "merged model. Export rows (`<run>.<format>`) are the quantized merged model, scored the same way.", ""]
+              "Runs are scored as they trained (adapters on their base); their size_on_disk_mb is that of the "
+              "merged model. Merged rows (`<run>.merged`) are that merged model, scored the same way (what merging "
+              "costs). Export rows (`<run>.<format>`) are the quantized merged model, scored the same way.", ""]
     lines += [f"## {title}\n\n![{title}]({name})\n" for name, title in PLOTS.items()]
     return "\n".join(lines)
 
