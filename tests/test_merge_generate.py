@@ -54,28 +54,3 @@ def test_generate_from_a_run_and_from_its_base(trained_run, tiny_base, tiny_toke
         assert all(0 <= g["new_tokens"] <= 8 and g["latency_seconds"] > 0 for g in generations)
         assert read_json(out / "eval.json") == pytest.approx(result)
         assert result["test_loss"] > 0 and result["samples"] == len(records)
-
-
-def test_exports_reload_quantized_and_answer_prompts(trained_run, tiny_tokens, tmp_path, capsys):
-    """nf4, int8 and pruned int8 exports reload with plain transformers, and `tunelab generate --model` answers."""
-    import bitsandbytes as bnb
-
-    from tunelab.cli import main
-    from tunelab.export import run_export
-    from conftest import REPO
-
-    if not (trained_run / "merged").is_dir():
-        run_merge(trained_run, tiny_tokens / "tokens")
-    for export_format, layer in (("nf4", bnb.nn.Linear4bit), ("int8", bnb.nn.Linear8bitLt),
-                                 ("pruned_int8", bnb.nn.Linear8bitLt)):
-        out = tmp_path / export_format
-        report = run_export(trained_run / "merged", export_format, 0.25, out)
-        reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
-        assert isinstance(reloaded.model.layers[0].self_attn.q_proj, layer)
-        assert report["size_bytes"] > 0
-        assert (report["sparsity"] is None) == (export_format != "pruned_int8")
-    assert read_json(tmp_path / "pruned_int8" / "export.json")["sparsity"] == pytest.approx(0.25, abs=0.02)
-    code = main(["generate", "--config", str(REPO / "studies" / "tiny.yaml"), "--model", str(tmp_path / "nf4" / "model"),
-                 "--prompt", "Add the two numbers.", "--prompt", "Repeat the words: red fox"])
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert code == 0 and len(lines) == 2 and '"instruction": "Add the two numbers."' in lines[0]

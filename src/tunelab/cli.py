@@ -89,7 +89,7 @@ def _export(study: Study, args) -> None:
 
     if args.run not in study.export_runs:
         raise TunelabError(f"{study.path}: no export named {args.run!r} (exports: {', '.join(study.export_runs)})")
-    run_export(args.merged, study.export_runs[args.run][1], study.exports.prune_amount, args.out)
+    run_export(args.merged, study.export_runs[args.run][1], study.exports, args.tokens, args.out)
 
 
 def _score(study: Study, args) -> None:
@@ -111,7 +111,8 @@ STAGES = {
     "tokenize": (_tokenize, "apply the prompt template and tokenize every split", ("base", "data", "out")),
     "train": (_train, "train one run", ("run", "base", "tokens", "out")),
     "merge": (_merge, "merge a run's adapter into its base (bf16 safetensors)", ("run", "tokens", "out")),
-    "export": (_export, "quantize a merged run for deployment (nf4, int8, pruned_int8)", ("run", "merged", "out")),
+    "export": (_export, "quantize a merged run for deployment (nf4, int8, pruned_int8)",
+               ("run", "merged", "tokens", "out")),
     "generate": (_generate, "test loss and generations of a run or a base; or answers of any model to prompts",
                  ("run", "base", "data", "tokens", "out", "model_dir", "prompt", "prompts")),
     "score": (_score, "score a run's generations (BLEU, ROUGE-L, BERTScore, CodeBLEU)", ("generations", "out")),

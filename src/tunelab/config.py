@@ -179,9 +179,15 @@ ExportFormat = Literal["nf4", "int8", "pruned_int8"]
 class ExportConfig(Frozen):
     """Quantized exports of merged runs, each generated and scored like a run (named `<run>.<format>`)."""
 
-    formats: list[ExportFormat] = Field([], description="nf4, int8 and/or pruned_int8 (channel pruning, then 8-bit)")
+    formats: list[ExportFormat] = Field([], description="nf4, int8 and/or pruned_int8 (structured pruning, a "
+                                                            "recovery fine-tune, then 8-bit)")
     runs: list[str] | None = Field(None, description="runs to export; all runs when absent")
-    prune_amount: Fraction = Field(0.2, description="share of output channels pruned in pruned_int8")
+    prune_amount: Fraction = Field(0.2, description="share of MLP channels (and of key-value head groups, rounded "
+                                                    "down) removed from every layer in pruned_int8")
+    calibration_examples: int = Field(16, gt=0, description="training examples whose activations rank channels")
+    recovery_steps: int = Field(50, ge=0, description="LoRA fine-tune steps after pruning (0: none)")
+    recovery_learning_rate: float = Field(1e-3, gt=0, description="learning rate of the recovery fine-tune")
+    recovery_lora_r: int = Field(16, gt=0, description="adapter rank of the recovery fine-tune")
 
 
 class Run(Frozen):

@@ -22,7 +22,7 @@ from tunelab.errors import TunelabError
 log = logging.getLogger(__name__)
 QUALITY = ("bleu", "rouge_l", "bertscore_f1", "codebleu")
 COLUMNS = ("run", "model", "method", "quantization", "attention", "precision", "export", "size_on_disk_mb",
-           "merge_max_logit_difference", "sparsity", "trainable_parameters", "train_tokens_per_second",
+           "merge_max_logit_difference", "pruned_share", "trainable_parameters", "train_tokens_per_second",
            "padding_fraction", "peak_memory_gib", "memory_kind", "train_wall_seconds", "final_validation_loss",
            "test_loss", "latency_seconds_mean", "generated_tokens_per_second", "empty_predictions", *QUALITY,
            *(f"{q}_delta_vs_base" for q in QUALITY), "test_loss_delta_vs_base")
@@ -65,7 +65,7 @@ def collect(study: Study, runs_dir: Path) -> list[dict]:
         run = study.run(source)
         export = read_json(runs_dir / name / "export.json")
         rows.append({**_evaluated(runs_dir / name, name, run.model, run.train), "export": export_format,
-                     "size_on_disk_mb": export["size_bytes"] / 1e6, "sparsity": export["sparsity"]})
+                     "size_on_disk_mb": export["size_bytes"] / 1e6, "pruned_share": export.get("pruned_share")})
     bases = {row["model"]: row for row in rows if row["method"] == "base"}
     for row in rows:
         base = bases[row["model"]]
