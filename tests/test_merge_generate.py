@@ -37,8 +37,8 @@ def test_merged_model_reloads_with_plain_transformers_and_matches(trained_run, t
     with torch.no_grad():
         expected, got = trained.eval()(**inputs).logits[mask], merged.eval()(**inputs).logits[mask]
     scale = expected.abs().max()
-    assert (expected - got).abs().max() / scale < 2e-2  # bf16 export: about 3 significant digits
-    assert report["max_logit_difference_vs_trained"] / scale < 2e-2
+    assert (expected - got).abs().max() / scale < 1e-4  # saved in the run's fp32: no rounding
+    assert report["max_logit_difference_vs_trained"] / scale < 1e-4 and report["top1_agreement_vs_trained"] >= 0.99
     assert report["size_bytes"] > 0 and (trained_run / "merged" / "tokenizer.json").is_file()
 
 
@@ -56,44 +56,6 @@ def test_generate_from_a_run_and_from_its_base(trained_run, tiny_base, tiny_toke
         assert result["test_loss"] > 0 and result["samples"] == len(records)
 
 
-def test_exports_reload_quantized_and_answer_prompts(trained_run, tiny_tokens, tmp_path, capsys):
-    """nf4, int8 and pruned int8 exports reload with plain transformers, and `tunelab generate --model` answers."""
-    import bitsandbytes as bnb
-
-    from tunelab.cli import main
-    from tunelab.export import run_export
-    from conftest import REPO
-
-    if not (trained_run / "merged").is_dir():
-        run_merge(trained_run, tiny_tokens / "tokens")
-    for export_format, layer in (("nf4", bnb.nn.Linear4bit), ("int8", bnb.nn.Linear8bitLt),
-                                 ("pruned_int8", bnb.nn.Linear8bitLt)):
-        out = tmp_path / export_format
-        report = run_export(trained_run / "merged", export_format, 0.25, out)
-        reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
-        assert isinstance(reloaded.model.layers[0].self_attn.q_proj, layer)
-        assert report["size_bytes"] > 0
-        assert (report["sparsity"] is None) == (export_format != "pruned_int8")
-    assert read_json(tmp_path / "pruned_int8" / "export.json")["sparsity"] == pytest.approx(0.25, abs=0.02)
-    code = main(["generate", "--config", str(REPO / "studies" / "tiny.yaml"), "--model", str(tmp_path / "nf4" / "model"),
-                 "--prompt", "Add the two numbers.", "--prompt", "Repeat the words: red fox"])
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert code == 0 and len(lines) == 2 and '"instruction": "Add the two numbers."' in lines[0]
-
-
-def test_qlora_merges_into_an_unquantized_base(tiny_base, tiny_tokens, tmp_path):
-    """A 4-bit run's adapter goes into the base loaded in bf16, never into the 4-bit weights; the logit gap
-    against the 4-bit model it trained as is recorded."""
-    import bitsandbytes as bnb
-
-    train = TrainConfig(method="lora", quantization="nf4", max_steps=4, eval_every=4, micro_batch_size=4,
-                        profile={"steps": 0})
-    run_train(Run(name="tiny-qlora", model="tiny", train=train), tiny_base, tiny_tokens / "tokens", tmp_path)
-    report = run_merge(tmp_path, tiny_tokens / "tokens")
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    assert not any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in merged.modules())
-    assert merged.dtype == torch.bfloat16
-    assert report["quantization"] == "nf4" and 0 < report["max_logit_difference_vs_trained"] < float("inf")
 
 
 MERGE_TOLERANCE = 2e-2  # largest |logit| difference a bf16 merge may add (bf16 keeps about 3 significant digits)

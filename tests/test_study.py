@@ -7,6 +7,8 @@ import csv
 import math
 from collections import Counter
 
+import numpy as np
+import pytest
 import yaml
 
 from tunelab.artifacts import read_json, read_jsonl
@@ -15,6 +17,7 @@ from conftest import DEMO, REPO, run_snakemake
 RUNS = ["base-tiny", "tiny-lora", "tiny-qlora", "tiny-adalora", "tiny-full"]
 TRAINED = RUNS[1:]
 FAMILIES = {"copy", "reverse", "capitalise", "add"}
+MERGED = [f"{run}.merged" for run in TRAINED]
 EXPORTS = ["tiny-lora.nf4", "tiny-lora.int8", "tiny-lora.pruned_int8"]
 PLOTS = ["loss_curves.png", "quality_vs_memory.png", "quality_vs_speed.png", "latency.png"]
 
@@ -47,7 +50,7 @@ def summary(workdir):
 
 def test_report_has_one_filled_row_per_run(tiny_study):
     rows = summary(tiny_study)
-    assert [row["run"] for row in rows] == RUNS + EXPORTS
+    assert [row["run"] for row in rows] == RUNS + MERGED + EXPORTS
     for row in rows:
         for column in ("exact_match", "exact_match_ci95_low", "bleu", "rouge_l", "bertscore_f1", "test_loss"):
             assert row[column] != "", f"{row['run']}: {column} is empty"
@@ -116,10 +119,37 @@ def test_quantized_exports_are_scored_next_to_their_run(tiny_study):
     rows = {row["run"]: row for row in summary(tiny_study)}
     merged_size = float(rows["tiny-lora"]["size_on_disk_mb"])
     assert float(rows["tiny-lora.nf4"]["size_on_disk_mb"]) < float(rows["tiny-lora.int8"]["size_on_disk_mb"]) < merged_size
-    assert 0.15 < float(rows["tiny-lora.pruned_int8"]["sparsity"]) < 0.25  # prune_amount 0.2 of the channels
+    pruned, int8 = rows["tiny-lora.pruned_int8"], rows["tiny-lora.int8"]
+    share = float(pruned["pruned_share"])  # 20 % of the MLP channels: about 9 % of all parameters
+    assert 0.05 < share < 0.2
+    assert float(pruned["size_on_disk_mb"]) <= (1 - share + 0.05) * float(int8["size_on_disk_mb"])
     for name in EXPORTS:
         assert rows[name]["export"] == name.split(".")[1] and rows[name]["bertscore_f1"] != ""
         assert float(rows[name]["test_loss"]) < float(rows["base-tiny"]["test_loss"])
+
+
+def test_pruned_export_ties_the_int8_export(tiny_study):
+    """After its recovery fine-tune the pruned export is not worse than the unpruned int8 export: a paired
+    bootstrap over the test records of the per-record BERTScore F1 and ROUGE-L differences (95 %)."""
+    runs = tiny_study / "results" / "runs"
+    pruned, int8 = (read_jsonl(runs / name / "sample_scores.jsonl") for name in ("tiny-lora.pruned_int8", "tiny-lora.int8"))
+    generator = np.random.default_rng(0)
+    for metric in ("bertscore_f1", "rouge_l"):
+        differences = np.array([p[metric] - q[metric] for p, q in zip(pruned, int8, strict=True)])
+        means = differences[generator.integers(0, len(differences), (2000, len(differences)))].mean(1)
+        low, high = np.quantile(means, [0.025, 0.975])
+        print(f"{metric}: pruned - int8 = {differences.mean():.4f}, 95 % interval [{low:.4f}, {high:.4f}]")
+        assert high >= 0, f"{metric}: the pruned export is worse than int8 (interval [{low:.4f}, {high:.4f}])"
+
+
+def test_merged_models_are_scored_as_rows_and_equal_their_runs(tiny_study):
+    """<run>.merged rows: the merged model generated and scored like a run; merging an fp32 run costs nothing."""
+    rows = {row["run"]: row for row in summary(tiny_study)}
+    for name in MERGED:
+        run, merged = rows[name.removesuffix(".merged")], rows[name]
+        assert merged["export"] == "merged" and merged["bertscore_f1"] != ""
+        assert float(merged["test_loss"]) == pytest.approx(float(run["test_loss"]), rel=1e-4)
+        assert float(merged["merge_max_logit_difference"]) < 1e-3
 
 
 def test_report_files_and_plots(tiny_study):
@@ -146,7 +176,7 @@ def test_changing_one_run_reruns_only_it_and_the_report(tiny_study, tmp_path):
     changed.write_text(yaml.safe_dump(study))
     result = run_snakemake(tiny_study, changed, "-n")
     planned = [line.split("run=")[1] for line in result.stdout.splitlines() if "wildcards: run=" in line]
-    assert sorted(set(planned)) == ["tiny-lora", *sorted(EXPORTS)], result.stdout[-3000:]  # its exports follow it
+    assert sorted(set(planned)) == sorted(["tiny-lora", "tiny-lora.merged", *EXPORTS]), result.stdout[-3000:]
     assert "report" in result.stdout
 
 
@@ -162,7 +192,7 @@ def test_the_study_runs_on_the_alpaca_demo_records(tmp_path):
     result = run_snakemake(tmp_path, tmp_path / "demo.yaml")
     assert result.returncode == 0, result.stderr[-4000:]
     assert read_json(tmp_path / "results" / "data" / "stats.json")["records"] == 999
-    assert [row["run"] for row in summary(tmp_path)] == RUNS + EXPORTS
+    assert [row["run"] for row in summary(tmp_path)] == RUNS + MERGED + EXPORTS
     assert read_json(tmp_path / "results" / "tokens" / "tiny" / "stats.json")["train"]["truncated"] > 0
 
 

@@ -64,7 +64,7 @@ def _merge(study: Study, args) -> None:
     from tunelab.merge import run_merge
 
     study.run(args.run)
-    run_merge(args.out, args.tokens)
+    run_merge(args.out, args.tokens, study.merge)
 
 
 def _generate(study: Study, args) -> None:
@@ -86,7 +86,9 @@ def _generate(study: Study, args) -> None:
         raise TunelabError(f"generate needs {', '.join(missing)} (or --model DIR --prompt TEXT)")
     reference = args.run in study.reference_runs
     model_dir = None if reference else args.out / "model"
-    if not reference and args.run not in study.export_runs:
+    if args.run in study.merged_runs:  # a run's merged model, scored as its own row
+        model_dir = args.out.parent / study.merged_runs[args.run] / "merged"
+    elif not reference and args.run not in study.export_runs:
         study.run(args.run)
     run_generate(model_dir, args.base, args.data, args.tokens, study.generation, args.out)
 
@@ -96,7 +98,7 @@ def _export(study: Study, args) -> None:
 
     if args.run not in study.export_runs:
         raise TunelabError(f"{study.path}: no export named {args.run!r} (exports: {', '.join(study.export_runs)})")
-    run_export(args.merged, study.export_runs[args.run][1], study.exports.prune_amount, args.out)
+    run_export(args.merged, study.export_runs[args.run][1], study.exports, args.tokens, args.out)
 
 
 def _score(study: Study, args) -> None:
@@ -125,7 +127,8 @@ STAGES = {
     "tokenize": (_tokenize, "apply the prompt template and tokenize every split", ("base", "data", "out")),
     "train": (_train, "train one run", ("run", "base", "tokens", "out")),
     "merge": (_merge, "merge a run's adapter into its base (bf16 safetensors)", ("run", "tokens", "out")),
-    "export": (_export, "quantize a merged run for deployment (nf4, int8, pruned_int8)", ("run", "merged", "out")),
+    "export": (_export, "quantize a merged run for deployment (nf4, int8, pruned_int8)",
+               ("run", "merged", "tokens", "out")),
     "generate": (_generate, "test loss and generations of a run or a base; or answers of any model to prompts",
                  ("run", "base", "data", "tokens", "out", "model_dir", "prompt", "prompts")),
     "score": (_score, "score a run's generations (exact match, BLEU, ROUGE-L, BERTScore, CodeBLEU)",

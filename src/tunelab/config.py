@@ -208,15 +208,30 @@ class MetricsConfig(Frozen):
         return self
 
 
+class MergeConfig(Frozen):
+    """How a run becomes one plain model (`results/runs/<run>/merged`)."""
+
+    base: Literal["dequantized", "original"] = Field(
+        "dequantized", description="weights a QLoRA adapter merges into: its dequantised 4-bit base (what it "
+                                   "trained against) or the original full-precision base")
+    score: bool = Field(True, description="generate and score each run's merged model as its own row <run>.merged")
+
+
 ExportFormat = Literal["nf4", "int8", "pruned_int8"]
 
 
 class ExportConfig(Frozen):
     """Quantized exports of merged runs, each generated and scored like a run (named `<run>.<format>`)."""
 
-    formats: list[ExportFormat] = Field([], description="nf4, int8 and/or pruned_int8 (channel pruning, then 8-bit)")
+    formats: list[ExportFormat] = Field([], description="nf4, int8 and/or pruned_int8 (structured pruning, a "
+                                                            "recovery fine-tune, then 8-bit)")
     runs: list[str] | None = Field(None, description="runs to export; all runs when absent")
-    prune_amount: Fraction = Field(0.2, description="share of output channels pruned in pruned_int8")
+    prune_amount: Fraction = Field(0.2, description="share of MLP channels (and of key-value head groups, rounded "
+                                                    "down) removed from every layer in pruned_int8")
+    calibration_examples: int = Field(16, gt=0, description="training examples whose activations rank channels")
+    recovery_steps: int = Field(50, ge=0, description="LoRA fine-tune steps after pruning (0: none)")
+    recovery_learning_rate: float = Field(1e-3, gt=0, description="learning rate of the recovery fine-tune")
+    recovery_lora_r: int = Field(16, gt=0, description="adapter rank of the recovery fine-tune")
 
 
 class Run(Frozen):
@@ -235,6 +250,7 @@ class Study(Frozen):
     generation: GenerationConfig
     metrics: MetricsConfig
     exports: ExportConfig
+    merge: MergeConfig = Field(default_factory=MergeConfig)
     path: Path
 
     def run(self, name: str) -> Run:
@@ -257,6 +273,11 @@ class Study(Frozen):
         runs = self.exports.runs if self.exports.runs is not None else [r.name for r in self.runs]
         return {f"{run}.{fmt}": (run, fmt) for run in runs for fmt in self.exports.formats}
 
+    @property
+    def merged_runs(self) -> dict[str, str]:
+        """Each scored merged model's name (`<run>.merged`) and its run; none unless `merge.score`."""
+        return {f"{run.name}.merged": run.name for run in self.runs} if self.merge.score else {}
+
 
 class _StudyFile(Frozen):
     """The YAML as written: `runs` entries may hold lists, expanded into a grid."""
@@ -269,6 +290,7 @@ class _StudyFile(Frozen):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     exports: ExportConfig = Field(default_factory=ExportConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
 
 
 GRID_KEYS = ("model", "method", "quantization", "attention", "precision")
@@ -303,7 +325,8 @@ def load_study(path: str | Path) -> Study:
     if problems:
         raise TunelabError("\n".join(problems))
     return Study(name=study_file.name, data=study_file.data, models=study_file.models, runs=runs,
-                 generation=study_file.generation, metrics=study_file.metrics, exports=study_file.exports, path=path)
+                 generation=study_file.generation, metrics=study_file.metrics, exports=study_file.exports,
+                 merge=study_file.merge, path=path)
 
 
 def _expand(entry: dict) -> list[dict]:

@@ -1,69 +1,100 @@
 """Stage `export`: quantize a merged run for deployment, so its quality can be scored like any run.
 
-Formats: `nf4` (bitsandbytes 4-bit NF4, double quantization), `int8` (LLM.int8) and `pruned_int8` (the
-output channels of smallest L2 norm in every decoder projection zeroed with torch's structured pruning,
-then 8-bit). Each is saved with transformers' bitsandbytes serialisation, so plain
-`AutoModelForCausalLM.from_pretrained(dir)` reloads it quantized.
-Reads `results/runs/<run>/merged`; writes `results/runs/<run>.<format>/model/` and `export.json` (size on
-disk, sparsity reached).
-Run: `tunelab export --config config.yaml --run <run>.<format> --merged results/runs/<run>/merged --out ...`.
+Formats: `nf4` (bitsandbytes 4-bit NF4, double quantization), `int8` (LLM.int8) and `pruned_int8`: whole MLP
+channels and key-value head groups removed from every layer (tunelab.prune, a smaller stock config), a short
+LoRA recovery fine-tune on the training split, merged, then 8-bit. Each is saved with transformers' bitsandbytes
+serialisation, so plain `AutoModelForCausalLM.from_pretrained(dir)` reloads it quantized. The pruned model is
+quantized from memory: no full-precision copy is written anywhere.
+Reads `results/runs/<run>/merged` (and the training tokens for pruned_int8); writes
+`results/runs/<run>.<format>/model/` and `export.json` (size on disk, parameters, what pruning removed, the
+recovery losses, CPU generation tokens/s).
+Run: `tunelab export --config config.yaml --run <run>.<format> --merged results/runs/<run>/merged --tokens ... --out ...`.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
+import time
 from pathlib import Path
 
 import torch
-from torch.nn.utils import prune
 from transformers import AutoModelForCausalLM
 
 from tunelab import modeling
-from tunelab.artifacts import atomic_dir, invalidate, write_json
-from tunelab.config import TrainConfig
+from tunelab.artifacts import atomic_dir, invalidate, read_jsonl, write_json
+from tunelab.config import ExportConfig, LoraConfig, TrainConfig
 
 log = logging.getLogger(__name__)
+SPEED_PROMPTS, SPEED_TOKENS = 4, 16  # the export's own generation-speed probe: greedy, a fixed token count
 
 
-def run_export(merged: Path, export_format: str, prune_amount: float, out: Path) -> dict:
-    """Quantize the merged model at `merged` into `out/model`; write `out/export.json`."""
+def run_export(merged: Path, export_format: str, settings: ExportConfig, tokens_dir: Path, out: Path) -> dict:
+    """Quantize (pruning first for pruned_int8) the merged model at `merged` into `out/model`; write
+    `out/export.json`."""
     tokenizer = modeling.load_tokenizer(merged)
     quantization = "nf4" if export_format == "nf4" else "int8"
-    settings = TrainConfig(method="full", quantization="none",
-                           precision="bf16" if modeling.device().type == "cuda" else "fp32")
-    config = modeling.quantization_config(settings.model_copy(update={"quantization": quantization}))
-    sparsity = None
+    # what stays unquantized (embeddings, norms) is stored in bf16: a deployable file keeps no fp32 tensors
+    config = modeling.quantization_config(TrainConfig(method="full", precision="bf16").model_copy(
+        update={"quantization": quantization}))  # model_copy: the quantization check is for training runs
+    load = {"dtype": torch.bfloat16, "device_map": {"": str(modeling.device())}}
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)  # a warning per int8 matmul
     invalidate(out / "export.json")
-    with tempfile.TemporaryDirectory() as scratch, atomic_dir(out / "model") as target:
-        source = merged
-        if export_format == "pruned_int8":
-            model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
-            sparsity = prune_channels(model, prune_amount)
-            model.save_pretrained(scratch)
-            source = Path(scratch)
-        quantized = AutoModelForCausalLM.from_pretrained(source, quantization_config=config,
-                                                         dtype=modeling.DTYPES[settings.precision],
-                                                         device_map={"": str(modeling.device())})
+    report = {"format": export_format, "source": str(merged)}
+    if export_format == "pruned_int8":
+        model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, device_map=load["device_map"])
+        model = _prune_and_recover(model, settings, tokens_dir, tokenizer.pad_token_id, report)
+        quantized = type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict(),
+                                                quantization_config=config, **load)
+        del model
+    else:
+        quantized = AutoModelForCausalLM.from_pretrained(merged, quantization_config=config, **load)
+        report["parameters"] = sum(p.numel() for p in quantized.parameters())
+    with atomic_dir(out / "model") as target:
         quantized.save_pretrained(target)
         tokenizer.save_pretrained(target)
-    size = modeling.weights_size(out / "model")
-    report = {"format": export_format, "source": str(merged), "size_bytes": size, "sparsity": sparsity,
-              "prune_amount": prune_amount if export_format == "pruned_int8" else None}
+    report["size_bytes"] = modeling.weights_size(out / "model")
+    report.update(_generation_speed(quantized, tokenizer, read_jsonl(tokens_dir / "test.jsonl")))
     write_json(out / "export.json", report)
-    log.info("exported %s as %s: %.2f MB%s", merged, export_format, size / 1e6,
-             f", sparsity {sparsity:.1%}" if sparsity is not None else "")
+    log.info("exported %s as %s: %.2f MB, %.1f generated tokens/s on %s", merged, export_format,
+             report["size_bytes"] / 1e6, report["generated_tokens_per_second"], report["speed_device"])
     return report
 
 
-def prune_channels(model, amount: float) -> float:
-    """Zero `amount` of the output channels (smallest L2 norm) of every decoder projection; return the share
-    of those projections' weights that are now zero."""
-    zeros = total = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            prune.ln_structured(module, "weight", amount=amount, n=2, dim=0)
-            prune.remove(module, "weight")
-            zeros += int((module.weight == 0).sum())
-            total += module.weight.numel()
-    return zeros / max(total, 1)
+def _prune_and_recover(model, settings: ExportConfig, tokens_dir: Path, pad_id: int, report: dict):
+    """Prune `model` (fp32) in place, then fine-tune a LoRA adapter on the training split and merge it."""
+    from tunelab.prune import prune_structured
+    from tunelab.train import attach_method, fit
+
+    train_examples = read_jsonl(tokens_dir / "train.jsonl")
+    pruning = prune_structured(model, settings.prune_amount, train_examples[:settings.calibration_examples])
+    report.update(prune_amount=settings.prune_amount, **pruning, parameters=pruning["parameters_after"])
+    if not settings.recovery_steps:
+        return model
+    steps, rank = settings.recovery_steps, settings.recovery_lora_r
+    recovery = TrainConfig(method="lora", precision="bf16" if modeling.device().type == "cuda" else "fp32",
+                           max_steps=steps, learning_rate=settings.recovery_learning_rate, warmup_steps=min(10, steps // 5),
+                           eval_every=steps, log_every=max(1, steps // 5), lora=LoraConfig(r=rank, alpha=2 * rank),
+                           profile={"steps": 0})
+    adapted = attach_method(model, recovery)
+    metrics = fit(adapted, train_examples, read_jsonl(tokens_dir / "validation.jsonl"), recovery, pad_id,
+                  label="recovery")
+    report["recovery"] = {"steps": steps, "learning_rate": settings.recovery_learning_rate,
+                          "lora_r": settings.recovery_lora_r, "first_loss": metrics["loss_curve"][0][1],
+                          "final_validation_loss": metrics["final_validation_loss"]}
+    return adapted.merge_and_unload()
+
+
+@torch.no_grad()
+def _generation_speed(model, tokenizer, examples: list[dict]) -> dict:
+    """Greedy tokens/s of `model` on the first test prompts, SPEED_TOKENS new tokens each (recorded, not judged:
+    the machine may be shared)."""
+    device = next(model.parameters()).device
+    prompts = [e["input_ids"][:next((i for i, label in enumerate(e["labels"]) if label != -100), None)]
+               for e in examples[:SPEED_PROMPTS]]  # up to the first answer token
+    model.eval()
+    began = time.perf_counter()
+    for ids in prompts:
+        model.generate(torch.tensor([ids], device=device), max_new_tokens=SPEED_TOKENS, min_new_tokens=SPEED_TOKENS,
+                       do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    seconds = time.perf_counter() - began
+    return {"generated_tokens_per_second": len(prompts) * SPEED_TOKENS / seconds, "speed_device": device.type}

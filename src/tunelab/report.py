@@ -29,7 +29,7 @@ LATENCY = ("latency_p50_seconds", "latency_p95_seconds", "ttft_p50_seconds", "pe
            "latency_requests", "generated_tokens_per_second")
 # the full table's order; any other key a row carries follows these
 COLUMNS = ("run", "model", "method", "quantization", "attention", "precision", "export", "size_on_disk_mb",
-           "merge_max_logit_difference", "sparsity", "trainable_parameters", "train_tokens_per_second",
+           "merge_max_logit_difference", "pruned_share", "trainable_parameters", "train_tokens_per_second",
            "padding_fraction", "peak_memory_gib", "memory_kind", "train_wall_seconds", "final_validation_loss",
            "test_loss", *LATENCY, "empty_predictions",
            *(f"{q}{suffix}" for q in QUALITY for suffix in ("", "_ci95_low", "_ci95_high")),
@@ -63,11 +63,16 @@ def collect(study: Study, runs_dir: Path) -> list[dict]:
         rows.append(_evaluated(runs_dir / study.reference_name(model), study.reference_name(model), model, None))
     rows += [{**_evaluated(runs_dir / run.name, run.name, run.model, run.train), **_trained(runs_dir / run.name)}
              for run in study.runs]
+    for name, source in study.merged_runs.items():  # what merging costs: the merged model as its own row
+        run, merge = study.run(source), read_json(runs_dir / source / "merge.json")
+        rows.append({**_evaluated(runs_dir / name, name, run.model, run.train), "export": "merged",
+                     "size_on_disk_mb": merge["size_bytes"] / 1e6,
+                     "merge_max_logit_difference": merge["max_logit_difference_vs_trained"]})
     for name, (source, export_format) in study.export_runs.items():
         run = study.run(source)
         export = read_json(runs_dir / name / "export.json")
         rows.append({**_evaluated(runs_dir / name, name, run.model, run.train), "export": export_format,
-                     "size_on_disk_mb": export["size_bytes"] / 1e6, "sparsity": export["sparsity"]})
+                     "size_on_disk_mb": export["size_bytes"] / 1e6, "pruned_share": export.get("pruned_share")})
     bases = {row["model"]: row for row in rows if row["method"] == "base"}
     for row in rows:
         base = bases[row["model"]]

@@ -18,6 +18,7 @@ except TunelabError as err:
 RUNS = [run.name for run in STUDY.runs]
 REFERENCES = STUDY.reference_runs
 EXPORTS = STUDY.export_runs  # "<run>.<format>" -> (run, format)
+MERGED = STUDY.merged_runs  # "<run>.merged" -> run: merged models generated and scored as rows of their own
 MODELS = list(dict.fromkeys(run.model for run in STUDY.runs))
 
 
@@ -32,16 +33,16 @@ def one_of(names):
 
 
 wildcard_constraints:
-    run=one_of(RUNS + REFERENCES + list(EXPORTS)),
+    run=one_of(RUNS + REFERENCES + list(EXPORTS) + list(MERGED)),
     model=one_of(MODELS),
 
 
 def model_of(run):
-    """The study model a run, a reference row or an export belongs to."""
+    """The study model a run, a reference row, a merged row or an export belongs to."""
     for model in MODELS:
         if run == STUDY.reference_name(model):
             return model
-    return STUDY.run(EXPORTS[run][0] if run in EXPORTS else run).model
+    return STUDY.run(EXPORTS[run][0] if run in EXPORTS else MERGED.get(run, run)).model
 
 
 def of_model(pattern):
@@ -50,10 +51,12 @@ def of_model(pattern):
 
 
 def trained_model(wildcards):
-    """The model a job generates from: a run's trained model or an export's quantized one; nothing for a
-    reference row, which generates from its base."""
+    """The model a job generates from: a run's trained model, its merged one or an export's quantized one;
+    nothing for a reference row, which generates from its base."""
     if wildcards.run in REFERENCES:
         return []
+    if wildcards.run in MERGED:
+        return rules.merge.output.merged.format(run=MERGED[wildcards.run])
     if wildcards.run in EXPORTS:
         return rules.export.output.model.format(run=wildcards.run)
     return rules.train.output.model.format(run=wildcards.run)

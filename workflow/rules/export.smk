@@ -3,11 +3,12 @@ rule export:
         run=one_of(list(EXPORTS)),
     input:
         merged=merged_source,
+        tokens=of_model(rules.tokenize.output.train),  # calibration and recovery of pruned_int8; test prompts
     output:
         model=directory("results/runs/{run}/model"),
         report="results/runs/{run}/export.json",
     params:
-        settings=lambda wildcards: [EXPORTS[wildcards.run], STUDY.exports.prune_amount],
+        settings=lambda wildcards: [EXPORTS[wildcards.run], STUDY.exports.model_dump_json(exclude={"formats", "runs"})],
     log:
         "results/runs/{run}/logs/export.log",
     resources:
@@ -22,4 +23,4 @@ rule export:
         TRAIN_ENV
     shell:
         "tunelab export --config {STUDY_FILE} --run {wildcards.run} --merged {input.merged} "
-        "--out results/runs/{wildcards.run} > {log} 2>&1"
+        "--tokens $(dirname {input.tokens}) --out results/runs/{wildcards.run} > {log} 2>&1"

@@ -7,6 +7,8 @@ rule merge:
     output:
         merged=directory("results/runs/{run}/merged"),
         report="results/runs/{run}/merge.json",
+    params:
+        settings=STUDY.merge.base,
     log:
         "results/runs/{run}/logs/merge.log",
     resources:

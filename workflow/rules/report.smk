@@ -1,8 +1,8 @@
 rule report:
     input:
-        scores=expand(rules.score.output.scores, run=REFERENCES + RUNS + list(EXPORTS)),
-        samples=expand(rules.score.output.samples, run=REFERENCES + RUNS + list(EXPORTS)),
-        evaluations=expand(rules.generate.output.evaluation, run=REFERENCES + RUNS + list(EXPORTS)),
+        scores=expand(rules.score.output.scores, run=REFERENCES + RUNS + list(MERGED) + list(EXPORTS)),
+        samples=expand(rules.score.output.samples, run=REFERENCES + RUNS + list(MERGED) + list(EXPORTS)),
+        evaluations=expand(rules.generate.output.evaluation, run=REFERENCES + RUNS + list(MERGED) + list(EXPORTS)),
         metrics=expand(rules.train.output.metrics, run=RUNS),
         merges=expand(rules.merge.output.report, run=RUNS),
         exports=expand(rules.export.output.report, run=list(EXPORTS)),
