@@ -37,7 +37,7 @@ def test_real_config_expands_its_grid():
 
 def test_tiny_study_validates_from_the_cli(capsys):
     assert main(["validate", str(REPO / "studies" / "tiny.yaml")]) == 0
-    assert "3 runs, 1 models" in capsys.readouterr().out
+    assert "4 runs, 1 models" in capsys.readouterr().out
 
 
 BAD = [  # (change to the tiny study, text the error must contain)
@@ -56,7 +56,7 @@ BAD = [  # (change to the tiny study, text the error must contain)
     ({"runs": [{"name": "a", "model": "llama"}]}, "model 'llama' is not one of models: tiny"),
     ({"runs": [{"name": "a", "model": "tiny"}, {"name": "a", "model": "tiny"}]}, "run name 'a' is used twice"),
     ({"models": {"tiny": {"source": "/no/such/model"}}}, "expected hf:<id>[@<revision>], tiny or an existing model directory"),
-    ({"exports": {"formats": ["nf4"], "runs": ["tiny-qlora"]}}, "exports.runs: 'tiny-qlora' is not a run"),
+    ({"exports": {"formats": ["nf4"], "runs": ["tiny-dora"]}}, "exports.runs: 'tiny-dora' is not a run"),
     ({"exports": {"formats": ["gguf"]}}, "exports.formats.0: Input should be 'nf4', 'int8' or 'pruned_int8'"),
     ({"trian": {}}, "trian: unknown key (allowed: name, data, models, train, runs, generation, metrics, exports, merge)"),
 ]

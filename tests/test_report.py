@@ -34,7 +34,8 @@ def _study(root: Path, runs: list[str], memory_kind: str = "cuda") -> Path:
     study = root / "study.yaml"
     entries = ", ".join(f"{{name: {r}, model: m}}" for r in runs)
     study.write_text(f"name: fake\ndata: {{source: synthetic:500, test_size: {RECORDS}}}\n"
-                     f"models: {{m: {{source: tiny}}}}\nruns: [{entries}]\nmetrics: {{bertscore: false}}\n")
+                     f"models: {{m: {{source: tiny}}}}\nruns: [{entries}]\nmetrics: {{bertscore: false}}\n"
+                     "merge: {score: false}\n")  # no merged rows: these fake runs have no merged model
     for run in ["base-m", *runs]:
         right, seed, speed, memory = RUNS[run]
         correct = np.random.default_rng(seed).random(RECORDS) < right
