@@ -207,3 +207,24 @@ def test_report_renders_without_training_dependencies(tiny_study, tmp_path):
     result = subprocess.run([sys.executable, "-c", command], cwd=tiny_study, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "summary.csv").read_text() == (tiny_study / "results" / "report" / "summary.csv").read_text()
+
+
+def test_synthetic_families_are_correct_input_dependent_and_keep_their_category(tmp_path):
+    """The study's data, without the study: every family's answer follows from its input, no family answers
+    with a constant, records are unique, and `category` survives the data stage's split."""
+    from tunelab.config import DataConfig
+    from tunelab.data import run_data
+    from tunelab.synthetic import alpaca_records
+
+    records = alpaca_records(400)
+    assert len({(r["instruction"], r["input"], r["output"]) for r in records}) == 400
+    for record in records:
+        words = (record["input"] or record["instruction"].split(": ", 1)[1]).split()
+        answer = {"copy": lambda: words, "reverse": lambda: words[::-1],
+                  "capitalise": lambda: [w.capitalize() for w in words],
+                  "add": lambda: [str(int(words[0]) + int(words[2]))]}[record["category"]]
+        assert record["output"].split() == answer(), record
+    answers = Counter((r["category"], r["output"]) for r in records)
+    assert all(count <= 10 for count in answers.values()), answers.most_common(3)
+    run_data(DataConfig(source="synthetic:400", test_size=40), tmp_path)
+    assert {r["category"] for r in read_jsonl(tmp_path / "test.jsonl")} == FAMILIES
