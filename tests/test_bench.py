@@ -48,3 +48,48 @@ def test_bench_packs_examples_of_varied_lengths(tmp_path):
         assert row["tunelab"]["tokens_per_second"] == row["tunelab"]["fit_tokens_per_second"] > 0
         assert row["baseline"]["tokens_per_second"] > 0
     assert rows["tiny lora none sdpa packed"]["tunelab"]["padding_fraction"] == 0
+
+
+def test_results_rows_have_issue_12_fields_and_render_into_benchmarks(tmp_path):
+    """bench.records turns measured rows (and a peer's lines) into results.jsonl rows; render.py builds the
+    Markdown section from them, ratios within the call, and replaces only its own section."""
+    import importlib.util
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from tunelab.bench import Case, flops_per_token, records
+
+    # Qwen2.5-7B: 4 x 7.07e9 matmul weights + causal attention at 1,024 tokens
+    assert abs(flops_per_token("qwen2.5-7b", "lora", 1024) / 1e9 - 28.90) < 0.01
+    assert flops_per_token("qwen2.5-7b", "full", 1024) > flops_per_token("qwen2.5-7b", "lora", 1024) * 1.4
+    side = lambda seconds, peak: {"tokens_per_step": 4096, "step_seconds": seconds, "peak_memory_gib": peak,  # noqa: E731
+                                  "peak_reserved_gib": peak + 1, "kernels": "liger", "load_seconds": 3.0,
+                                  "first_step_seconds": 0.5}
+    rows = [{"case": asdict(Case("qwen2.5-7b", "lora", "nf4", "sdpa", kernels="liger")),
+             "tunelab": side([0.4] * 6, 10.0), "baseline": side([0.5] * 6, 17.0)}]
+    peer = {"arch": "qwen2.5-7b", "method": "qlora", "batch_size": 4, "tokens_per_step": 4096,
+            "tokens_per_second": 4096 / 0.25, "step_seconds": [0.25] * 6, "peak_memory_gib": 7.0,
+            "peak_reserved_gib": 7.5, "settings": {"gradient_checkpointing": "unsloth"}, "import_seconds": 30.0,
+            "load_seconds": 9.0, "first_steps_seconds": [25.0, 0.3, 0.3], "versions": {"unsloth": "x"}}
+    env = {"device_name": "NVIDIA H200", "date": "2026-11-30 20:00 UTC", "commit": "abc1234"}
+    out = records(rows, [peer], call="c1", env=env, batch_size=4, seq_len=1024, windows=3)
+    fields = {"side", "call", "card", "gpus", "model", "method", "quantization", "batch", "seq", "tok_s", "tok_s_range",
+              "peak_gib", "reserved_gib", "mfu", "repeats", "commit", "date", "kernels", "checkpointing"}
+    assert [r["side"] for r in out] == ["tunelab", "plain", "unsloth"]
+    assert all(fields <= set(r) for r in out)
+    assert out[0]["tok_s"] == 4096 / 0.4 and out[0]["repeats"] == 3 and out[0]["tok_s_range"] == [10240.0, 10240.0]
+    assert abs(out[0]["mfu"] - 4096 / 0.4 * flops_per_token("qwen2.5-7b", "lora", 1024) / 790e12) < 1e-4
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in out))
+    spec = importlib.util.spec_from_file_location("render", Path(__file__).parents[1] / "benchmarks" / "render.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text("# Title\nold hand-written text\n")
+    assert render.main(["--results", str(results), "--checks", str(tmp_path / "none.jsonl"),
+                        "--markdown", str(markdown)]) == 0
+    text = markdown.read_text()
+    assert "| 10,240 |" in text and "| 1.250 / 0.59 | 0.625 / 1.43 |" in text  # ÷ plain, ÷ unsloth (tok/s / GiB)
+    assert text.endswith("old hand-written text\n") and text.count(render.BEGIN) == 1
+    assert render.main(["--results", str(results), "--checks", str(tmp_path / "none.jsonl"),
+                        "--markdown", str(markdown), "--check"]) == 0

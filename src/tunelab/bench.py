@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from tunelab import modeling, train
-from tunelab.artifacts import atomic_dir, write_json
+from tunelab import kernels, modeling, train
+from tunelab.artifacts import atomic_dir, write_json, write_jsonl
 from tunelab.batches import real_tokens
 from tunelab.config import AdaLoraConfig, LoraConfig, ProfileConfig, TrainConfig
 
@@ -47,7 +47,7 @@ ARCHITECTURES = {  # Qwen2.5's published config.json values; weights are random
 }
 SKIPS = {("qwen2.5-7b", "full"): "left out by default (57 GiB with tunelab, 71 GiB with the plain loop on an H100, "
                                  "BENCHMARKS.md); run it with --try-skipped"}
-LORA = LoraConfig(r=16, alpha=32, dropout=0.05)  # all seven projections (tunelab's default targets)
+LORA = LoraConfig(r=16, alpha=32, dropout=0.0)  # all seven projections; dropout 0 as issue 12 pins (Unsloth's too)
 ADALORA = dict(init_r=16, target_r=8, delta_t=2)  # tinit/tfinal follow the step count, see _train_config
 LEARNING_RATE, MAX_GRAD_NORM = 2e-4, 1.0
 WARMUP_STEPS = 3  # steps left out of the median step period
@@ -60,18 +60,32 @@ class Case:
     quantization: str
     attention: str
     packing: bool = False  # tunelab's side packs; the plain loop always pads
+    kernels: str = "auto"  # tunelab's side's train.kernels; the plain loop has none
 
     @property
     def name(self) -> str:
-        return f"{self.arch} {self.method} {self.quantization} {self.attention}" + (" packed" if self.packing else "")
+        return (f"{self.arch} {self.method} {self.quantization} {self.attention}" + (" packed" if self.packing else "")
+                + ("" if self.kernels == "auto" else f" kernels={self.kernels}"))
 
 
 def run_bench(cases: list[Case], *, steps: int, batch_size: int, seq_len: int, model_root: Path,
               out: Path | None, sides: tuple[str, ...] = ("tunelab", "baseline"), skips: dict = SKIPS,
-              variable_lengths: bool = False) -> list[dict]:
-    """Run every case on both sides; print the table; write bench.json into `out` when given."""
+              variable_lengths: bool = False, windows: int = 1, call: str = "", peer: Path | None = None,
+              commit: str | None = None) -> list[dict]:
+    """Run every case on both sides (and the peer, with `peer`); print the table; write bench.json and
+    results.jsonl (issue 12's rows) into `out` when given."""
     device = modeling.device()
-    rows = []
+    rows, peers = [], []
+    env = dict(environment(device), commit=commit)
+
+    def save() -> None:
+        write_json(out / "bench.json", {"environment": env, "settings": dict(
+            steps=steps, batch_size=batch_size, seq_len=seq_len, variable_lengths=variable_lengths,
+            lora=LORA.model_dump(), adalora=ADALORA, windows=windows,
+            learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM), "rows": rows, "pooled": pooled(rows),
+            "peers": peers})
+        write_jsonl(out / "results.jsonl", records(rows, peers, call=call, env=env, batch_size=batch_size,
+                                                   seq_len=seq_len, windows=windows))
     for index, case in enumerate(cases):
         row = {"case": asdict(case), "name": case.name}
         if (case.arch, case.method) in skips or (case.method == "full" and case.quantization != "none"):
@@ -90,11 +104,15 @@ def run_bench(cases: list[Case], *, steps: int, batch_size: int, seq_len: int, m
         rows.append(row)
         log.info("%s: %s", case.name, _line(row))
         if out:  # after every case, so a run cut short at its time limit still leaves its numbers
-            write_json(out / "bench.json", {"environment": environment(device), "settings": dict(
-                steps=steps, batch_size=batch_size, seq_len=seq_len, variable_lengths=variable_lengths,
-                lora=LORA.model_dump(), adalora=ADALORA,
-                learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM), "rows": rows, "pooled": pooled(rows)})
-    print(table(rows, environment(device)))
+            save()
+    if peer is not None and not variable_lengths:
+        for arch in dict.fromkeys(case.arch for case in cases):
+            quantizations = list(dict.fromkeys(c.quantization for c in cases if c.arch == arch and c.method == "lora"))
+            peers += run_peer(peer, arch, quantizations, steps=steps, batch_size=batch_size, seq_len=seq_len,
+                              model_root=model_root, out=out or Path("."))
+            if out:
+                save()
+    print(table(rows, env))
     summary = pooled(rows)
     if any(item["runs"] > 1 for item in summary):
         print(pooled_table(summary))
@@ -149,6 +167,8 @@ def _measure(side: str, path: Path, case: Case, examples: list[dict], *, steps: 
     _fresh(device)
     warmup = min(WARMUP_STEPS, steps - 1)
     periods = [after - before for before, after in zip(stamps[warmup - 1:], stamps[warmup:])]
+    if "fit_started" in result:
+        result["first_step_seconds"] = stamps[0] - result.pop("fit_started") if stamps else None
     if "error" not in result and periods:
         result["step_seconds"] = periods
         if len({len(e["input_ids"]) for e in examples}) == 1:
@@ -164,7 +184,7 @@ def _train_config(case: Case, steps: int, batch_size: int) -> TrainConfig:
     edge = min(2, (steps - 1) // 2)  # AdaLoRA's tinit/tfinal; a budgeting phase must remain
     return TrainConfig(
         method=case.method, quantization=case.quantization, attention=case.attention, packing=case.packing,
-        precision="bf16", lora=LORA, adalora=AdaLoraConfig(**ADALORA, tinit=edge, tfinal=edge),
+        precision="bf16", kernels=case.kernels, lora=LORA, adalora=AdaLoraConfig(**ADALORA, tinit=edge, tfinal=edge),
         micro_batch_size=batch_size, max_steps=steps, learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM,
         warmup_steps=0, lr_scheduler="constant_with_warmup", gradient_checkpointing=True, eval_every=steps,
         log_every=steps, profile=ProfileConfig(steps=0))
@@ -172,14 +192,16 @@ def _train_config(case: Case, steps: int, batch_size: int) -> TrainConfig:
 
 def _tunelab(path: Path, case: Case, examples: list[dict], *, steps: int, batch_size: int,
              device: torch.device) -> dict:
+    started = time.perf_counter()
     config = _train_config(case, steps, batch_size)
     torch.manual_seed(config.seed)
     model = train.attach_method(modeling.load_model(path, config, for_training=True), config)
+    loaded = time.perf_counter()
     metrics = train.fit(model, examples, examples[:batch_size], config, pad_id=0, label=case.name)
     losses = [loss for _, loss in metrics["loss_curve"]]
     return {"fit_tokens_per_second": metrics["tokens_per_second"], "peak_memory_gib": metrics["peak_memory_gib"],
             "peak_reserved_gib": metrics["peak_reserved_gib"], "padding_fraction": metrics["padding_fraction"],
-            "losses": losses,
+            "losses": losses, "kernels": kernels.applied(model), "load_seconds": loaded - started, "fit_started": loaded,
             "finite": all(map(math.isfinite, losses)), "trainable_parameters": metrics["trainable_parameters"]}
 
 
@@ -190,6 +212,7 @@ def _baseline(path: Path, case: Case, examples: list[dict], *, steps: int, batch
         prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    load_started = time.perf_counter()
     torch.manual_seed(0)
     kwargs = {}
     if case.quantization == "nf4":
@@ -222,6 +245,7 @@ def _baseline(path: Path, case: Case, examples: list[dict], *, steps: int, batch
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    loaded = time.perf_counter()
     seconds, tokens, losses = 0.0, 0, []
     for step in range(1, steps + 1):
         started = time.perf_counter()
@@ -244,7 +268,8 @@ def _baseline(path: Path, case: Case, examples: list[dict], *, steps: int, batch
     peak = {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 1024 ** 3,
             "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 1024 ** 3} if device.type == "cuda" else {
         "peak_memory_gib": float("nan"), "peak_reserved_gib": float("nan")}
-    return {"fit_tokens_per_second": tokens / max(seconds, 1e-9), **peak, "losses": losses,
+    return {"fit_tokens_per_second": tokens / max(seconds, 1e-9), **peak, "losses": losses, "kernels": "none",
+            "load_seconds": loaded - load_started, "fit_started": loaded,
             "finite": all(map(math.isfinite, losses)), "trainable_parameters": sum(p.numel() for p in params)}
 
 
@@ -358,6 +383,104 @@ def pooled_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PEAK_FLOPS = 790e12  # bf16 dense matrix rate measured on the H200 (issue 12)
+SIDE_NAMES = {"tunelab": "tunelab", "baseline": "plain", "control": "plain"}
+CHECKPOINTING = {"tunelab": "recompute", "baseline": "recompute", "control": "recompute"}
+
+
+def flops_per_token(arch: str, method: str, seq_len: int) -> float:
+    """Matmul FLOPs of one trained token: 4N for a frozen base (forward and input gradients), 6N for full
+    fine-tuning (weight gradients too), N the matmul weights (head included), plus causal attention
+    (QK^T and AV: 2·h·seq per layer forward on average, twice that backward). Recomputation is not counted."""
+    a = ARCHITECTURES[arch]
+    h, layers = a["hidden_size"], a["num_hidden_layers"]
+    kv = h // a["num_attention_heads"] * a["num_key_value_heads"]
+    weights = layers * (2 * h * h + 2 * h * kv + 3 * h * a["intermediate_size"]) + h * a["vocab_size"]
+    return (6 if method == "full" else 4) * weights + 6 * layers * h * seq_len
+
+
+def windowed(tokens_per_step: float, periods: list[float], windows: int) -> list[float]:
+    """tokens/s of each of `windows` consecutive timed windows (median step period of each)."""
+    size = max(len(periods) // windows, 1)
+    chunks = [periods[i * size:(i + 1) * size] for i in range(windows) if periods[i * size:(i + 1) * size]]
+    return [tokens_per_step / statistics.median(chunk) for chunk in chunks]
+
+
+def records(rows: list[dict], peers: list[dict], *, call: str, env: dict, batch_size: int, seq_len: int,
+            windows: int) -> list[dict]:
+    """benchmarks/results.jsonl's rows (issue 12's "Honest figures"): one per measured config and side, pooled
+    over --repeat runs (tok_s from the median of all their step periods; the range over every run's windows)."""
+    by_key: dict[tuple, list[tuple[Case, dict]]] = {}
+    for row in rows:
+        case = Case(**row["case"])
+        for side in ("tunelab", "baseline", "control"):
+            result = row.get(side)
+            if result and "step_seconds" in result and "tokens_per_step" in result:
+                by_key.setdefault((case, side), []).append(result)
+    common = dict(call=call, card=env["device_name"], gpus=1, batch=batch_size, seq=seq_len,
+                  commit=env.get("commit"), date=env["date"])
+    out = []
+    for (case, side), results in by_key.items():
+        tokens = results[0]["tokens_per_step"]
+        periods = [p for r in results for p in r["step_seconds"]]
+        ranges = [v for r in results for v in windowed(tokens, r["step_seconds"], windows)]
+        out.append(_record(common, side=SIDE_NAMES[side], case=case, tok_s=tokens / statistics.median(periods),
+                           ranges=ranges, peak=max(r["peak_memory_gib"] for r in results),
+                           reserved=max(r["peak_reserved_gib"] for r in results),
+                           kernels=results[0].get("kernels", "none"), checkpointing=CHECKPOINTING[side],
+                           one_time={"load_s": _median(r.get("load_seconds") for r in results),
+                                     "first_step_s": _median(r.get("first_step_seconds") for r in results)},
+                           extra={"role": "control"} if side == "control" else {}))
+    for peer in peers:
+        if "error" in peer:
+            continue
+        case = Case(peer["arch"], "lora", "nf4" if peer["method"] == "qlora" else "none", "sdpa")
+        out.append(_record(dict(common, batch=peer["batch_size"]), side="unsloth", case=case,
+                           tok_s=peer["tokens_per_second"],
+                           ranges=windowed(peer["tokens_per_step"], peer["step_seconds"], windows),
+                           peak=peer["peak_memory_gib"], reserved=peer["peak_reserved_gib"], kernels="unsloth",
+                           checkpointing=peer["settings"]["gradient_checkpointing"] + " (offloaded)"
+                           if peer["settings"]["gradient_checkpointing"] == "unsloth" else "recompute",
+                           one_time={"import_s": peer.get("import_seconds"), "load_s": peer.get("load_seconds"),
+                                     "first_step_s": (peer.get("first_steps_seconds") or [None])[0]},
+                           extra={"peer_versions": {k: peer["versions"].get(k) for k in ("unsloth", "unsloth_zoo")}}))
+    return out
+
+
+def _record(common: dict, *, side: str, case: Case, tok_s: float, ranges: list[float], peak: float,
+            reserved: float, kernels: str, checkpointing: str, one_time: dict, extra: dict) -> dict:
+    flops = flops_per_token(case.arch, case.method, common["seq"])
+    return {"side": side, **common, "model": case.arch, "method": case.method, "quantization": case.quantization,
+            "attention": case.attention, "tok_s": round(tok_s, 1),
+            "tok_s_range": [round(min(ranges), 1), round(max(ranges), 1)],
+            "peak_gib": round(peak, 3), "reserved_gib": round(reserved, 3),
+            "mfu": round(tok_s * flops / PEAK_FLOPS, 4), "repeats": len(ranges), "kernels": kernels,
+            "checkpointing": checkpointing, "one_time": one_time, **extra}
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 2) if values else None
+
+
+def run_peer(peer: Path, arch: str, quantizations: list[str], *, steps: int, batch_size: int, seq_len: int,
+             model_root: Path, out: Path) -> list[dict]:
+    """The peer script (Unsloth, ../shared/peers) on the same model, shapes and steps, in its own processes;
+    its JSON lines, each tagged with `arch`."""
+    import json
+    import subprocess
+
+    configs = [f"{'qlora' if q == 'nf4' else 'lora'}:{batch_size}" for q in quantizations if q in ("nf4", "none")]
+    lines = out / f"peer-{arch}.jsonl"
+    lines.unlink(missing_ok=True)
+    command = [sys.executable, str(peer), "--arch", arch, "--configs", *configs, "--model-root", str(model_root),
+               "--steps", str(steps), "--seq-len", str(seq_len), "--child-timeout", "400", "--out", str(lines)]
+    log.info("peer: %s", " ".join(command))
+    subprocess.run(command, check=False)
+    results = [json.loads(line) for line in lines.read_text().splitlines()] if lines.exists() else []
+    return [dict(result, arch=arch) for result in results]
+
+
 def environment(device: torch.device) -> dict:
     def version(package: str) -> str:
         try:
@@ -391,16 +514,32 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the plain loop a second time per case: its ratio to the first is the "
                              "noise floor")
     parser.add_argument("--try-skipped", action="store_true", help="run the cases SKIPS leaves out (7B full)")
-    parser.add_argument("--out", type=Path, help="directory for bench.json")
+    parser.add_argument("--kernels", nargs="+", choices=["auto", "liger", "none"], default=["auto"],
+                        help="tunelab's train.kernels (one case each)")
+    parser.add_argument("--windows", type=int, default=1,
+                        help="split each side's timed steps into this many windows: results.jsonl's repeats and range")
+    parser.add_argument("--peer", type=Path, help="peer script (../shared/peers/peer_unsloth.py) to run on the same "
+                                                  "model and shapes after tunelab's cases: side unsloth rows")
+    parser.add_argument("--call", default=time.strftime("%Y%m%dT%H%M", time.gmtime()),
+                        help="id of this GPU-machine run in results.jsonl")
+    parser.add_argument("--commit", default=None, help="tunelab commit measured (results.jsonl)")
+    parser.add_argument("--memory-fraction", type=float,
+                        help="cap this process's CUDA memory (torch.cuda.set_per_process_memory_fraction), "
+                             "e.g. 15/141 for a 16 GB card")
+    parser.add_argument("--out", type=Path, help="directory for bench.json and results.jsonl")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # bitsandbytes logs "MatMul8bitLt: inputs will be cast ..." on every int8 matmul call, both sides alike
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-    cases = [Case(a, m, q, t, k == "on") for a in args.arch for m in args.method for q in args.quantization
-             for t in args.attention for k in args.packing if not (m == "full" and q != "none")] * args.repeat
+    if args.memory_fraction and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
+    cases = [Case(a, m, q, t, k == "on", kernels) for a in args.arch for m in args.method for q in args.quantization
+             for t in args.attention for k in args.packing for kernels in args.kernels
+             if not (m == "full" and q != "none")] * args.repeat
     run_bench(cases, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, model_root=args.model_root,
               out=args.out, sides=tuple(args.sides) + (("control",) if args.control else ()),
-              skips={} if args.try_skipped else SKIPS, variable_lengths=args.variable_lengths)
+              skips={} if args.try_skipped else SKIPS, variable_lengths=args.variable_lengths, windows=args.windows,
+              call=args.call, peer=args.peer, commit=args.commit)
     return 0
 
 

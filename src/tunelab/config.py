@@ -23,6 +23,7 @@ Quantization = Literal["none", "nf4", "int8"]
 Attention = Literal["eager", "sdpa", "flash_attention_2"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Optimizer = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]
+Kernels = Literal["auto", "liger", "none"]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 HUB_SOURCE = re.compile(r"hf:[\w.-]+(/[\w.-]+)?(@[\w./-]+)?")  # hf:<id>[@<revision>] (tunelab.hub reads it)
 
@@ -131,6 +132,9 @@ class TrainConfig(Frozen):
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
     tracking: list[Literal["dvclive", "tensorboard"]] = Field(
         ["dvclive"], description="experiment trackers each run logs to, under results/runs/<run>/ (none: [])")
+    kernels: Kernels = Field("auto", description="fast training path: liger (Liger-Kernel fused loss, RMSNorm and "
+                                                 "SwiGLU, fused LoRA, bf16 frozen weights; CUDA only), none, or auto "
+                                                 "(liger on CUDA, none elsewhere); see tunelab.kernels")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 from transformers import get_scheduler, set_seed
 
-from tunelab import modeling
+from tunelab import kernels, modeling
 from tunelab.artifacts import atomic_dir, invalidate, read_jsonl, write_json, write_text
 from tunelab.batches import label_tokens, mean_loss, real_tokens, training_batches
 from tunelab.checkpoint import Checkpoints, fingerprint
@@ -50,8 +50,8 @@ def run_train(run: Run, base_dir: Path, tokens_dir: Path, out: Path) -> dict:
     with atomic_dir(out / "model") as model_dir:
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
-    metrics.update(run=run.name, model=run.model, base=path, config=run.train.model_dump(), **_adalora_budget(model),
-                   provenance=provenance())
+    metrics.update(run=run.name, model=run.model, base=path, config=run.train.model_dump(),
+                   kernels=kernels.applied(model), **_adalora_budget(model), provenance=provenance())
     metrics.update(wall_seconds=metrics["wall_seconds"] + checkpoints.resumed_wall_seconds,
                    resumed_from_step=checkpoints.resumed_step)
     write_json(out / "train_metrics.json", metrics)
@@ -62,7 +62,7 @@ def run_train(run: Run, base_dir: Path, tokens_dir: Path, out: Path) -> dict:
 def attach_method(model, train: TrainConfig):
     """Wrap `model` for the run's method: a PEFT LoRA/AdaLoRA adapter, or all weights trainable."""
     if train.method == "full":
-        return model
+        return kernels.apply(model, train)
     from peft import AdaLoraConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if train.quantization != "none":
@@ -83,7 +83,7 @@ def attach_method(model, train: TrainConfig):
         ada = train.adalora
         config = AdaLoraConfig(init_r=ada.init_r, target_r=ada.target_r, tinit=ada.tinit, tfinal=ada.tfinal,
                                deltaT=ada.delta_t, total_step=train.max_steps, **common)
-    return get_peft_model(model, config)
+    return kernels.apply(get_peft_model(model, config), train)
 
 
 def fit(model, train_examples: list[dict], validation_examples: list[dict], train: TrainConfig, pad_id: int,

@@ -1,0 +1,163 @@
+"""Is the fast path the same training as the plain one? Checked on a model whose loss actually falls.
+
+A small Qwen2 is first trained (all weights, plain loop) until it predicts a fixed token chain confidently;
+then LoRA learns a second chain for `steps` optimizer steps through `train.fit`, once on the plain path
+(kernels none) and once on the fast path. Passing means: the loss of every step within `tolerance` (relative)
+of the plain one while the loss falls by at least 10x that tolerance, and the first step's LoRA gradients with
+cosine similarity >= 0.999 and norms within `tolerance`. `broken` (the fast path with the LoRA scaling
+dropped) must fail the same check, which shows that the check can fail.
+Run on a GPU: `python -m tunelab.kernels.check --out DIR` (writes DIR/check.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from tunelab import kernels, modeling, train
+from tunelab.artifacts import atomic_dir, write_json
+from tunelab.config import LoraConfig, ProfileConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+SHAPE = dict(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, tie_word_embeddings=True)
+
+
+def chain_examples(permutation: torch.Tensor, count: int, seq_len: int, seed: int) -> list[dict]:
+    """`count` sequences that follow token -> permutation[token] from a random first token."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.empty(count, seq_len, dtype=torch.long)
+    rows[:, 0] = torch.randint(0, len(permutation), (count,), generator=generator)
+    for position in range(1, seq_len):
+        rows[:, position] = permutation[rows[:, position - 1]]
+    return [{"input_ids": row, "labels": row} for row in rows.tolist()]
+
+
+def confident_base(path: Path, device: torch.device, *, steps: int = 300, seq_len: int = 64,
+                   shape: dict = SHAPE, batch_size: int = 32) -> dict:
+    """Train a random Qwen2 on chain A until confident; save it to `path`; return its loss curve's ends."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**shape, max_position_embeddings=4096)).to(device)
+    chain = torch.randperm(shape["vocab_size"], generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(steps):
+        ids = torch.tensor([e["input_ids"] for e in chain_examples(chain, batch_size, seq_len, seed=step)], device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    with atomic_dir(path) as tmp:
+        model.to(torch.bfloat16).save_pretrained(tmp)
+    return {"first_loss": losses[0], "last_loss": losses[-1], "steps": steps}
+
+
+def lora_run(path: Path, examples: list[dict], quantization: str, kernels_choice: str, *, steps: int,
+             fast=None, precision: str = "bf16") -> dict:
+    """`steps` steps of LoRA through train.fit; the per-step losses and the first step's LoRA gradients
+    (clipping is off, so that their norms compare). `fast`, when given, is applied to the model after
+    train.attach_method (the CPU test's and the broken path's hook)."""
+    config = TrainConfig(method="lora", quantization=quantization, precision=precision, kernels=kernels_choice,
+                         lora=LoraConfig(r=16, alpha=32, dropout=0.0), micro_batch_size=16, max_steps=steps,
+                         learning_rate=1e-3, max_grad_norm=1e6, warmup_steps=0, lr_scheduler="constant_with_warmup",
+                         gradient_checkpointing=True, eval_every=steps, log_every=steps, group_by_length=False,
+                         profile=ProfileConfig(steps=0))
+    torch.manual_seed(0)
+    model = train.attach_method(modeling.load_model(path, config, for_training=True), config)
+    if fast is not None:
+        model = fast(model)
+    grads = {}
+
+    def keep_first(optimizer, *_):
+        if not grads:
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    grads[id(param)] = param.grad.detach().float().flatten().clone()
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    hook = register_optimizer_step_pre_hook(keep_first)
+    try:
+        metrics = train.fit(model, examples, examples[:16], config, pad_id=0, label=f"check {kernels_choice}")
+    finally:
+        hook.remove()
+    return {"losses": [loss for _, loss in metrics["loss_curve"]], "kernels": kernels.applied(model),
+            "grads": {names[key]: grad.cpu() for key, grad in grads.items()}}
+
+
+def compare(reference: dict, candidate: dict, tolerance: float = 0.01) -> dict:
+    """The check's verdict on `candidate` against `reference` (both from `lora_run`)."""
+    ours, theirs = candidate["losses"], reference["losses"]
+    relative = [abs(a - b) / abs(b) for a, b in zip(ours, theirs)]
+    names = sorted(reference["grads"])
+    flat_ref = torch.cat([reference["grads"][n] for n in names])
+    flat_ours = torch.cat([candidate["grads"][n] for n in names])
+    cosine = float(torch.nn.functional.cosine_similarity(flat_ref, flat_ours, dim=0))
+    norm_ratio = float(flat_ours.norm() / flat_ref.norm())
+    fall = 1 - theirs[-1] / theirs[0]
+    result = {"max_relative_loss_difference": max(relative), "loss_fall": fall, "gradient_cosine": cosine,
+              "gradient_norm_ratio": norm_ratio, "tolerance": tolerance, "steps": len(theirs),
+              "reference_losses": theirs, "candidate_losses": ours}
+    result["passed"] = (len(ours) == len(theirs) and max(relative) <= tolerance and fall >= 10 * tolerance
+                        and cosine >= 0.999 and abs(norm_ratio - 1) <= tolerance)
+    return result
+
+
+def drop_lora_scaling(model):
+    """The broken fast path: every fused LoRA layer reads its scaling as 1 (run_check restores it)."""
+    kernels.lora_scaling = lambda layer, adapter: 1.0
+    return model
+
+
+def run_check(out: Path, *, steps: int = 20, quantizations=("none", "nf4"), fast_kernels: str = "liger") -> dict:
+    device = modeling.device()
+    started = time.perf_counter()
+    base = confident_base(out / "base", device)
+    chain = torch.randperm(SHAPE["vocab_size"], generator=torch.Generator().manual_seed(2))  # chain B
+    examples = chain_examples(chain, 16 * steps, 64, seed=10_000)
+    report = {"base": base, "device": str(device), "cases": {}}
+    for quantization in quantizations:
+        plain = lora_run(out / "base", examples, quantization, "none", steps=steps)
+        fast = lora_run(out / "base", examples, quantization, fast_kernels, steps=steps)
+        original = kernels.lora_scaling
+        try:
+            broken = lora_run(out / "base", examples, quantization, fast_kernels, steps=steps,
+                              fast=drop_lora_scaling)
+        finally:
+            kernels.lora_scaling = original
+        report["cases"][quantization] = {"fast": {"kernels": fast["kernels"], **compare(plain, fast)},
+                                         "broken": {"kernels": broken["kernels"], **compare(plain, broken)}}
+        log.info("check %s: fast %s, broken %s", quantization, report["cases"][quantization]["fast"]["passed"],
+                 report["cases"][quantization]["broken"]["passed"])
+    report["passed"] = all(c["fast"]["passed"] and not c["broken"]["passed"] for c in report["cases"].values())
+    report["seconds"] = time.perf_counter() - started
+    write_json(out / "check.json", report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tunelab.kernels.check", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--quantization", nargs="+", default=["none", "nf4"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    report = run_check(args.out, steps=args.steps, quantizations=args.quantization)
+    summary = {q: {side: {k: c[side][k] for k in ("passed", "max_relative_loss_difference", "loss_fall",
+                                                   "gradient_cosine", "gradient_norm_ratio")}
+                   for side in ("fast", "broken")} for q, c in report["cases"].items()}
+    print(json.dumps({"passed": report["passed"], **summary}, indent=1))
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

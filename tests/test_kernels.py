@@ -1,0 +1,90 @@
+"""The fast path's config resolution and the parts of it that run without a GPU: `auto` leaves the CPU path
+untouched, the fused LoRA forward computes PEFT's LoRA exactly (fp32 reference, values and gradients), and the
+equivalence check (tunelab.kernels.check) passes the fused LoRA on a model whose loss falls and fails it with
+the LoRA scaling dropped. Liger-Kernel needs CUDA; its part of the check runs on the GPU (BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunelab import kernels, modeling, train
+from tunelab.config import LoraConfig, TrainConfig
+from tunelab.errors import TunelabError
+from tunelab.kernels import check
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=True)
+
+
+def test_kernels_resolve_per_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert kernels.resolve("auto", cpu) == "none"
+    assert kernels.resolve("none", cuda) == "none"
+    with pytest.raises(TunelabError, match="train.kernels: liger needs a CUDA GPU"):
+        kernels.resolve("liger", cpu)
+    with pytest.raises(ValueError):
+        TrainConfig(kernels="fast")
+
+
+@pytest.fixture(scope="module")
+def confident(tmp_path_factory):
+    """A tiny Qwen2 trained on chain A until its loss is far below ln(vocab)."""
+    path = tmp_path_factory.mktemp("kernels") / "base"
+    base = check.confident_base(path, torch.device("cpu"), steps=150, seq_len=32, shape=TINY, batch_size=16)
+    assert base["last_loss"] < 0.2 * base["first_loss"], base
+    return path
+
+
+def test_auto_leaves_the_cpu_path_unchanged(confident):
+    config = TrainConfig(method="lora", kernels="auto", lora=LoraConfig(dropout=0.0))
+    model = train.attach_method(modeling.load_model(confident, config, for_training=True), config)
+    assert kernels.applied(model) == "none"
+    assert not [name for name, module in model.named_modules() if "forward" in vars(module)]
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def _peft_tiny(path, seed=1):
+    from peft import LoraConfig as PeftLora, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), PeftLora(
+        r=8, lora_alpha=32, lora_dropout=0.0, target_modules=list(LoraConfig().target_modules)))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # non-zero, so the adapter's output and both of its gradients count
+            torch.nn.init.normal_(param, std=0.02)
+    return model
+
+
+def test_fused_lora_forward_is_peft_lora_in_fp32(confident):
+    reference, fused = _peft_tiny(confident), _peft_tiny(confident)
+    assert kernels.fuse_lora(fused) == 2 * 7
+    ids = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for model in (reference, fused):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (reference, fused)]
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) == 2 * 2 * 7
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_check_passes_the_fused_lora_and_fails_it_without_scaling(confident):
+    chain = torch.randperm(TINY["vocab_size"], generator=torch.Generator().manual_seed(2))
+    examples = check.chain_examples(chain, 16 * 20, 32, seed=10_000)
+    fuse = lambda model: (kernels.fuse_lora(model), model)[1]  # noqa: E731
+    plain = check.lora_run(confident, examples, "none", "none", steps=20, precision="fp32")
+    fused = check.lora_run(confident, examples, "none", "none", steps=20, precision="fp32", fast=fuse)
+    original = kernels.lora_scaling
+    try:
+        broken = check.lora_run(confident, examples, "none", "none", steps=20, precision="fp32",
+                                fast=lambda model: check.drop_lora_scaling(fuse(model)))
+    finally:
+        kernels.lora_scaling = original
+    verdict = check.compare(plain, fused)
+    assert verdict["loss_fall"] >= 0.1 and verdict["passed"], verdict
+    assert not check.compare(plain, broken)["passed"]
