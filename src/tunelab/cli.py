@@ -69,7 +69,8 @@ def _generate(study: Study, args) -> None:
             raise TunelabError("generate --model needs --prompt TEXT or --prompts FILE")
         if not args.model_dir.is_dir():
             raise TunelabError(f"generate --model {args.model_dir}: no such model directory")
-        for instruction, answer in zip(instructions, generate_answers(args.model_dir, instructions, study.generation)):
+        answers = generate_answers(args.model_dir, instructions, study.generation, study.data.prompt_format)
+        for instruction, answer in zip(instructions, answers):
             print(json.dumps({"instruction": instruction, "answer": answer}, ensure_ascii=False))
         return
     missing = [f"--{o}" for o in ("run", "base", "data", "tokens", "out") if getattr(args, o) is None]
@@ -79,7 +80,8 @@ def _generate(study: Study, args) -> None:
     model_dir = None if reference else args.out / "model"
     if not reference and args.run not in study.export_runs:
         study.run(args.run)
-    run_generate(model_dir, args.base, args.data, args.tokens, study.generation, args.out)
+    run_generate(model_dir, args.base, args.data, args.tokens, study.generation, args.out,
+                 study.data.prompt_format)
 
 
 def _export(study: Study, args) -> None:
