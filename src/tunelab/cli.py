@@ -84,6 +84,14 @@ def _generate(study: Study, args) -> None:
                  study.data.prompt_format)
 
 
+def _serve(study: Study, args) -> None:
+    from tunelab.serve import run_serve
+
+    if args.model_dir is None:
+        raise TunelabError("serve needs --model DIR (a trained, merged or exported model directory)")
+    run_serve(args.model_dir, study.generation, study.data.prompt_format, args.host, args.port, args.max_batch_size)
+
+
 def _export(study: Study, args) -> None:
     from tunelab.export import run_export
 
@@ -114,6 +122,8 @@ STAGES = {
     "export": (_export, "quantize a merged run for deployment (nf4, int8, pruned_int8)", ("run", "merged", "out")),
     "generate": (_generate, "test loss and generations of a run or a base; or answers of any model to prompts",
                  ("run", "base", "data", "tokens", "out", "model_dir", "prompt", "prompts")),
+    "serve": (_serve, "serve a trained, merged or exported model over an OpenAI-compatible HTTP API",
+              ("model_dir", "host", "port", "max_batch_size")),
     "score": (_score, "score a run's generations (BLEU, ROUGE-L, BERTScore, CodeBLEU)", ("generations", "out")),
     "report": (_report, "aggregate every run into summary.csv, report.md/html and plots", ("runs", "out")),
 }
@@ -126,6 +136,10 @@ OPTIONAL = {  # options of `generate --model`: an argument list, not Snakemake's
     "model_dir": dict(flags=["--model"], type=Path, help="a trained, merged or exported model directory"),
     "prompt": dict(flags=["--prompt"], action="append", help="an instruction to answer (repeatable)"),
     "prompts": dict(flags=["--prompts"], type=Path, help="a file of instructions, one per line"),
+    "host": dict(flags=["--host"], default="127.0.0.1", help="address to listen on (default 127.0.0.1)"),
+    "port": dict(flags=["--port"], type=int, default=8000, help="port to listen on (default 8000)"),
+    "max_batch_size": dict(flags=["--max-batch-size"], type=int, default=32,
+                           help="most requests' rows run together on the model (default 32)"),
 }
 
 
