@@ -73,7 +73,7 @@ def server(model_dir, tmp_path_factory):
 
 
 def _client(base: str, key: str = "unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=300)
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=900)
 
 
 def _metric(base: str, name: str) -> float:
