@@ -16,6 +16,6 @@ pip_install() {  # this machine's pip.conf names local indexes that may be absen
 }
 python3 -m venv .venv
 pip_install torch==2.13.0
-pip_install -c envs/constraints-cpu.txt -e '.[train,workflow,dev]'
+pip_install -c envs/constraints-cpu.txt -e '.[train,workflow,serve,dev]'
 .venv/bin/python -m pip check
 touch "$stamp"

@@ -51,9 +51,20 @@ def test_generate_from_a_run_and_from_its_base(trained_run, tiny_base, tiny_toke
     for out, result in ((trained_run, summary), (tmp_path, base_summary)):
         generations = read_jsonl(out / "generations.jsonl")
         assert [g["reference"] for g in generations] == [r["output"] for r in records]  # back in record order
-        assert all(0 <= g["new_tokens"] <= 8 and g["latency_seconds"] > 0 for g in generations)
-        assert read_json(out / "eval.json") == pytest.approx(result)
+        assert all(0 <= g["new_tokens"] <= 8 and g["finish_reason"] in ("stop", "length") for g in generations)
+        assert all(len(g["prediction"]) > 0 or g["new_tokens"] <= 1 for g in generations)
+        assert read_json(out / "eval.json") == result
         assert result["test_loss"] > 0 and result["samples"] == len(records)
+        assert result["latency_requests"] == len(records) and "latency_seconds_mean" not in result
+        assert 0 < result["ttft_p50_seconds"] <= result["latency_p50_seconds"] <= result["latency_p95_seconds"]
+        assert result["generation"]["stop_token_ids"] == [tokenizer_eos(tiny_base)]
+        assert result["generation"]["do_sample"] is False and result["generation"]["max_new_tokens"] == 8
+
+
+def tokenizer_eos(base) -> int:
+    from tunelab.modeling import load_tokenizer
+
+    return load_tokenizer(base).eos_token_id
 
 
 

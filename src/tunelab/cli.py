@@ -78,7 +78,8 @@ def _generate(study: Study, args) -> None:
             raise TunelabError("generate --model needs --prompt TEXT or --prompts FILE")
         if not args.model_dir.is_dir():
             raise TunelabError(f"generate --model {args.model_dir}: no such model directory")
-        for instruction, answer in zip(instructions, generate_answers(args.model_dir, instructions, study.generation)):
+        answers = generate_answers(args.model_dir, instructions, study.generation, study.data.prompt_format)
+        for instruction, answer in zip(instructions, answers):
             print(json.dumps({"instruction": instruction, "answer": answer}, ensure_ascii=False))
         return
     missing = [f"--{o}" for o in ("run", "base", "data", "tokens", "out") if getattr(args, o) is None]
@@ -90,7 +91,16 @@ def _generate(study: Study, args) -> None:
         model_dir = args.out.parent / study.merged_runs[args.run] / "merged"
     elif not reference and args.run not in study.export_runs:
         study.run(args.run)
-    run_generate(model_dir, args.base, args.data, args.tokens, study.generation, args.out)
+    run_generate(model_dir, args.base, args.data, args.tokens, study.generation, args.out,
+                 study.data.prompt_format)
+
+
+def _serve(study: Study, args) -> None:
+    from tunelab.serve import run_serve
+
+    if args.model_dir is None:
+        raise TunelabError("serve needs --model DIR (a trained, merged or exported model directory)")
+    run_serve(args.model_dir, study.generation, study.data.prompt_format, args.host, args.port, args.max_batch_size)
 
 
 def _export(study: Study, args) -> None:
@@ -133,6 +143,8 @@ STAGES = {
                  ("run", "base", "data", "tokens", "out", "model_dir", "prompt", "prompts")),
     "score": (_score, "score a run's generations (exact match, BLEU, ROUGE-L, BERTScore, CodeBLEU)",
               ("generations", "data", "out")),
+    "serve": (_serve, "serve a trained, merged or exported model over an OpenAI-compatible HTTP API",
+              ("model_dir", "host", "port", "max_batch_size")),
     "report": (_report, "aggregate every run into summary.csv, report.md/html and plots", ("runs", "out")),
     "status": (_status, "where each run of a study stands (stage, step, loss, tokens/s, ETA), from its results",
                ("results", "watch")),
@@ -151,6 +163,10 @@ OPTIONAL = {  # options of `generate --model`: an argument list, not Snakemake's
                   help="refresh every SECONDS (default 5) until no run is running or queued"),
     "offline": dict(flags=["--offline"], action="store_true",
                     help="record sources pinned to a full commit hash without asking the Hub"),
+    "host": dict(flags=["--host"], default="127.0.0.1", help="address to listen on (default 127.0.0.1)"),
+    "port": dict(flags=["--port"], type=int, default=8000, help="port to listen on (default 8000)"),
+    "max_batch_size": dict(flags=["--max-batch-size"], type=int, default=32,
+                           help="most requests' rows run together on the model (default 32)"),
 }
 
 

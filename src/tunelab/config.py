@@ -41,6 +41,8 @@ class DataConfig(Frozen):
     max_length: int = Field(512, gt=8, description="tokens per example, prompt and response together")
     overlength: Literal["truncate", "drop"] = Field("truncate", description="what to do with longer examples")
     seed: int = Field(0, description="seed of the split and of the training subset")
+    prompt_format: Literal["alpaca", "chat_template"] = Field(
+        "alpaca", description="prompt of training and generation: the Alpaca template or the model's chat template")
 
     @field_validator("source")
     @classmethod
@@ -162,11 +164,17 @@ BOOKKEEPING = frozenset({"checkpoint_every", "checkpoint_keep", "log_every", "tr
 
 
 class GenerationConfig(Frozen):
-    max_new_tokens: int = Field(64, gt=0)
-    batch_size: int = Field(16, gt=0)
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    """Sampling settings left unset follow the model's own generation_config (its defaults and stop tokens)."""
+
+    max_new_tokens: int = Field(64, gt=0, description="most new tokens per answer")
+    batch_size: int = Field(16, gt=0, description="test prompts per batch of the study's generation")
+    do_sample: bool | None = Field(None, description="sample rather than decode greedily; unset: the model's setting")
+    temperature: float | None = Field(None, gt=0, description="sampling temperature; unset: the model's setting")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass; unset: the model's setting")
+    top_k: int | None = Field(None, ge=0, description="top-k sampling (0: off); unset: the model's setting")
+    repetition_penalty: float | None = Field(None, gt=0, description="unset: the model's setting")
+    seed: int = Field(0, description="seed of sampled generation")
+    latency_requests: int = Field(32, gt=0, description="test prompts timed one request at a time (all if fewer)")
 
 
 QualityMetric = Literal["exact_match", "bleu", "rouge_l", "bertscore_f1", "codebleu"]
