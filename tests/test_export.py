@@ -66,7 +66,8 @@ def test_exports_reload_quantized_and_pruning_shrinks_the_file(merged_run, tiny_
     saved = []
     save = PreTrainedModel.save_pretrained
     monkeypatch.setattr(PreTrainedModel, "save_pretrained",
-                        lambda self, path, **kw: (saved.append((path, self.is_quantized)), save(self, path, **kw))[1])
+                        lambda self, path, **kw: (saved.append((path, getattr(self, "is_quantized", False))),
+                                                  save(self, path, **kw))[1])
     settings = ExportConfig(prune_amount=0.25, recovery_steps=6, calibration_examples=4)
     reports = {}
     for export_format, layer in (("nf4", bnb.nn.Linear4bit), ("int8", bnb.nn.Linear8bitLt),

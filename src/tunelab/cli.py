@@ -136,7 +136,7 @@ STAGES = {
     "base": (_base, "make a study model available locally (build and warm up the tiny one)", ("model", "data", "out")),
     "tokenize": (_tokenize, "apply the prompt template and tokenize every split", ("base", "data", "out")),
     "train": (_train, "train one run", ("run", "base", "tokens", "out")),
-    "merge": (_merge, "merge a run's adapter into its base (bf16 safetensors)", ("run", "tokens", "out")),
+    "merge": (_merge, "merge a run's adapter into its base (safetensors in the run's precision)", ("run", "tokens", "out")),
     "export": (_export, "quantize a merged run for deployment (nf4, int8, pruned_int8)",
                ("run", "merged", "tokens", "out")),
     "generate": (_generate, "test loss and generations of a run or a base; or answers of any model to prompts",
