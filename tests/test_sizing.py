@@ -42,7 +42,7 @@ def test_a_run_asks_for_the_resources_of_its_models_size(tmp_path):
                         "named": {"source": "hf:tunelab-test/not-cached-1.5B"}},
              "runs": [{"name": "{model}-lora", "model": ["smollm2", "qwen", "named"]}]}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
-    result = run_snakemake(tmp_path, tmp_path / "study.yaml", "-n", "train", env={"HF_HUB_OFFLINE": "1"})
+    result = run_snakemake(tmp_path, tmp_path / "study.yaml", "-n", env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     memory = dict(re.findall(r"wildcards: run=(\S+)-lora\n\s+resources: .*?mem_mb=(\d+)", result.stdout))
     assert memory == {"smollm2": "16000", "qwen": "32000", "named": "32000"}, result.stdout[-3000:]
