@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny random-weight Qwen2 base with a BPE tokenizer trained on the demo records,
-its tokenized splits, and the tiny study run once through Snakemake."""
+"""Shared fixtures: the repository's own Alpaca-format records (tests/data/instructions.json), a tiny
+random-weight Qwen2 base with a BPE tokenizer trained on them, their tokenized splits, and the tiny study
+run once through Snakemake."""
 
 from __future__ import annotations
 
@@ -19,14 +20,15 @@ from tunelab.data import split_records
 from tunelab.tokenize import prompt, run_tokenize
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO.parent / "shared" / "data" / "alpaca_en_demo.json"  # test data only; the main job never reads it
+# 120 instruction records written for these tests (no dataset's text): varied tasks, with and without input,
+# a few long answers (truncation) and non-ASCII text, every answer in one house style ("Field note: ...
+# (end of note)") that fine-tuning visibly learns (tests/test_real_model.py)
+DEMO = REPO / "tests" / "data" / "instructions.json"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
 @pytest.fixture(scope="session")
 def demo_records() -> list[dict]:
-    if not DEMO.is_file():
-        pytest.skip(f"{DEMO} is not present (the shared test data lives beside the checkout)")
     return json.loads(DEMO.read_text(encoding="utf-8"))
 
 
@@ -44,7 +46,7 @@ def tiny_base(tmp_path_factory, demo_records) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokens(tmp_path_factory, demo_records, tiny_base) -> Path:
-    """The demo records split and tokenized for the tiny base (max 96 tokens, truncated)."""
+    """The demo records split and tokenized for the tiny base (max 96 tokens: the long answers are truncated)."""
     root = tmp_path_factory.mktemp("tokens")
     data = DataConfig(source=str(DEMO), test_size=16, validation_fraction=0.02, max_length=96)
     for split, rows in split_records(demo_records, data).items():

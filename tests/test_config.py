@@ -55,7 +55,7 @@ BAD = [  # (change to the tiny study, text the error must contain)
     ({"runs": [{"name": "a", "model": "tiny", "method": "adalora", "max_steps": 20}]}, "must leave a budgeting phase"),
     ({"runs": [{"name": "a", "model": "llama"}]}, "model 'llama' is not one of models: tiny"),
     ({"runs": [{"name": "a", "model": "tiny"}, {"name": "a", "model": "tiny"}]}, "run name 'a' is used twice"),
-    ({"models": {"tiny": {"source": "/no/such/model"}}}, "expected hf:<id>[@<revision>], tiny or an existing model directory"),
+    ({"models": {"tiny": {"source": "/no/such/model"}}}, "expected hf:<id>[@<revision>], tiny, an existing model directory"),
     ({"exports": {"formats": ["nf4"], "runs": ["tiny-dora"]}}, "exports.runs: 'tiny-dora' is not a run"),
     ({"exports": {"formats": ["gguf"]}}, "exports.formats.0: Input should be 'nf4', 'int8' or 'pruned_int8'"),
     ({"trian": {}}, "trian: unknown key (allowed: name, data, models, train, runs, generation, metrics, exports, merge)"),

@@ -15,29 +15,24 @@ def keys(rows):
     return {json.dumps(r, sort_keys=True) for r in rows}
 
 
-def test_split_is_seeded_disjoint_and_complete(tmp_path):
-    data = DataConfig(source=str(DEMO), test_size=100, validation_fraction=0.1, seed=3)
-    run_data(data, tmp_path)
-    first = {s: read_jsonl(tmp_path / f"{s}.jsonl") for s in ("train", "validation", "test")}
-    assert first == split_records(_unique_demo(), data)  # the same seed gives the same split
-    stats = read_json(tmp_path / "stats.json")
-    assert stats["duplicates_removed"] == 14  # the demo file repeats 14 records: none may straddle the split
-    assert [len(first[s]) for s in ("train", "validation", "test")] == [787, 98, 100]
+def test_split_is_seeded_disjoint_and_complete(tmp_path, demo_records):
+    source = tmp_path / "repeats.json"  # 6 records twice: none may straddle the split
+    source.write_text(json.dumps(demo_records + demo_records[10:16]))
+    data = DataConfig(source=str(source), test_size=30, validation_fraction=0.1, seed=3)
+    run_data(data, tmp_path / "out")
+    first = {s: read_jsonl(tmp_path / "out" / f"{s}.jsonl") for s in ("train", "validation", "test")}
+    assert first == split_records(demo_records, data)  # the same seed gives the same split
+    assert read_json(tmp_path / "out" / "stats.json")["duplicates_removed"] == 6
+    assert [len(first[s]) for s in ("train", "validation", "test")] == [78, 12, 30]
     assert keys(first["train"]).isdisjoint(keys(first["test"]))
     assert keys(first["validation"]).isdisjoint(keys(first["test"]))
-    other_seed = split_records(_unique_demo(), data.model_copy(update={"seed": 4}))
+    other_seed = split_records(demo_records, data.model_copy(update={"seed": 4}))
     assert other_seed["test"] != first["test"]
 
 
-def _unique_demo() -> list[dict]:
-    from tunelab.data import _check_records, _unique
-
-    return _unique(_check_records(load_records(str(DEMO)), str(DEMO)))
-
-
 def test_train_fraction_takes_from_train_only(demo_records):
-    full = split_records(demo_records, DataConfig(source=str(DEMO), test_size=100))
-    fifth = split_records(demo_records, DataConfig(source=str(DEMO), test_size=100, train_fraction=0.2))
+    full = split_records(demo_records, DataConfig(source=str(DEMO), test_size=30))
+    fifth = split_records(demo_records, DataConfig(source=str(DEMO), test_size=30, train_fraction=0.2))
     assert fifth["test"] == full["test"] and fifth["validation"] == full["validation"]
     assert len(fifth["train"]) == round(0.2 * len(full["train"]))
     assert keys(fifth["train"]) <= keys(full["train"])

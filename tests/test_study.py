@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import math
 from collections import Counter
+import json
 
 import numpy as np
 import pytest
@@ -180,7 +181,7 @@ def test_changing_one_run_reruns_only_it_and_the_report(tiny_study, tmp_path):
     assert "report" in result.stdout
 
 
-def test_the_study_runs_on_the_alpaca_demo_records(tmp_path):
+def test_the_study_runs_on_the_repositorys_alpaca_records(tmp_path):
     study = yaml.safe_load((REPO / "studies" / "tiny.yaml").read_text())
     study["data"].update(source=str(DEMO), test_size=24, max_length=128)
     study["models"]["tiny"]["tiny"].update(warmup_steps=100)
@@ -191,7 +192,7 @@ def test_the_study_runs_on_the_alpaca_demo_records(tmp_path):
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(study))
     result = run_snakemake(tmp_path, tmp_path / "demo.yaml")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert read_json(tmp_path / "results" / "data" / "stats.json")["records"] == 999
+    assert read_json(tmp_path / "results" / "data" / "stats.json")["records"] == len(json.loads(DEMO.read_text()))
     assert [row["run"] for row in summary(tmp_path)] == RUNS + MERGED + EXPORTS
     assert read_json(tmp_path / "results" / "tokens" / "tiny" / "stats.json")["train"]["truncated"] > 0
 

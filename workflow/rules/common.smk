@@ -1,11 +1,14 @@
 # The study, validated by tunelab's own schema before any job starts, and the input functions.
+import functools
 import re
+import sys
 
 from snakemake.exceptions import WorkflowError
 
 from tunelab.config import BOOKKEEPING, check_runtime, load_study
 from tunelab.errors import TunelabError
 from tunelab.hub import lock_path
+from tunelab.sizing import parameter_count
 
 STUDY_FILE = config.get("study", "config.yaml")
 try:
@@ -72,15 +75,18 @@ def train_settings(wildcards):
     return STUDY.run(wildcards.run).train.model_dump_json(exclude=BOOKKEEPING)
 
 
-# What each job asks of a cluster (profiles/slurm) and of the local scheduler, by the size of its run's model.
-# gpu: GPUs (0: CPU only, so the tiny study runs on a CPU-only SLURM); mem_mb: host memory; train/merge/generate:
-# time limits in minutes. A 7B LoRA run in bf16 takes about 3x the 1.5B one; leave headroom, a job past its
-# limit is killed.
+# What each job asks of a cluster (profiles/slurm) and of the local scheduler, by the parameter count of its run's
+# model (read from its config: tunelab.sizing). gpu: GPUs (0: CPU only, so the tiny study runs on a CPU-only
+# SLURM); mem_mb: host memory; train/merge/generate: time limits in minutes. A 7B LoRA run in bf16 takes about 3x
+# the 1.5B one; leave headroom, a job past its limit is killed.
 SIZES = {
     "tiny": {"gpu": 0, "mem_mb": 1500, "train": 30, "merge": 10, "generate": 10},
+    "0.5B": {"gpu": 1, "mem_mb": 16000, "train": 120, "merge": 15, "generate": 30},
     "1.5B": {"gpu": 1, "mem_mb": 32000, "train": 240, "merge": 30, "generate": 60},
     "7B": {"gpu": 1, "mem_mb": 64000, "train": 720, "merge": 60, "generate": 120},
 }
+# The largest parameter count of each row (SmolLM2-135M and Qwen2.5-0.5B: 0.5B; Qwen2.5-1.5B: 1.5B); above: 7B.
+SIZE_LIMITS = {"0.5B": 0.6e9, "1.5B": 2.5e9}
 # Train jobs are preemptible: SLURM sends SIGUSR1 to the job's steps (so to `tunelab train`, which checkpoints and
 # exits) 5 minutes before the time limit, and may requeue the job; the rerun resumes from the checkpoint. Not
 # `B:USR1`: that signals only the plugin's batch script, which dies of it, and training then gets SIGTERM with
@@ -102,13 +108,21 @@ TRAIN_ENV = "../../envs/tunelab-gpu.yaml"
 CPU_ENV = "../../envs/tunelab-cpu.yaml"
 
 
+@functools.cache
 def model_size(model):
-    """The SIZES row of a study model: 'tiny', else the parameter count in its source (hf:…-1.5B…, up to 2B)."""
+    """The SIZES row of a study model: 'tiny', else by its parameter count read from its config. Where no config is
+    readable here (an hf: model neither cached nor reachable), by the `…B` in its name, else the largest row."""
     source = STUDY.models[model].source
     if source == "tiny":
         return "tiny"
-    billions = re.search(r"(\d+(?:\.\d+)?)B\b", source)
-    return "1.5B" if billions and float(billions.group(1)) <= 2 else "7B"  # an unknown size gets the large row
+    parameters, where = parameter_count(source)
+    if parameters is None:
+        billions = re.search(r"(\d+(?:\.\d+)?)B\b", source)
+        row = "7B" if not billions or float(billions.group(1)) > 2 else "1.5B"
+        print(f"tunelab: model {model}: no parameter count ({where}); resources of the {row} row, from "
+              f"{'the ' + billions.group(0) + ' in its name' if billions else 'no size in its name'}", file=sys.stderr)
+        return row
+    return next((row for row, limit in SIZE_LIMITS.items() if parameters <= limit), "7B")
 
 
 def sized(key):
