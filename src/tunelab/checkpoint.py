@@ -47,8 +47,11 @@ def fingerprint(train: TrainConfig, base: str, tokens: Path) -> str:
 class Checkpoints:
     """The checkpoints of one run. `fit` calls `resume` once before its loop and `after_step` after each step."""
 
-    def __init__(self, root: Path, train: TrainConfig, run_fingerprint: str):
+    def __init__(self, root: Path, train: TrainConfig, run_fingerprint: str, runtime=None):
+        from tunelab.distributed.runtime import Single
+
         self.root, self.train, self.fingerprint = Path(root), train, run_fingerprint
+        self.runtime = runtime or Single()  # several ranks: rank 0 writes, every rank's RNG state is kept
         self.signalled: int | None = None
         self.resumed_step, self.resumed_wall_seconds = 0, 0.0
         self._started = time.perf_counter()
@@ -78,7 +81,11 @@ class Checkpoints:
         """Write a checkpoint when one is due or a signal came; after a signal, exit non-zero."""
         every = self.train.checkpoint_every
         due = every and step % every == 0 and step < self.train.max_steps  # the last step saves the outputs
-        if due or self.signalled:
+        if self.runtime.world_size > 1:  # a signal to any rank stops every rank after the same step
+            self.signalled = int(self.runtime.maximum(self.signalled or 0)) or None
+        if (due or self.signalled) and not self.runtime.checkpointable:
+            log.warning("step %d: no checkpoint, DeepSpeed runs are not checkpointed yet (the rerun starts over)", step)
+        elif due or self.signalled:
             self.save(step)
         if self.signalled:
             name = signal.Signals(self.signalled).name
@@ -90,12 +97,17 @@ class Checkpoints:
         """Write the checkpoint of `step` (after the step's update), then drop the oldest beyond checkpoint_keep."""
         objects = self._objects
         path = self.root / _name(step)
+        rng = self.runtime.gather(_rng_state())  # a collective: every rank calls save
+        if not self.runtime.is_main:
+            self.runtime.barrier()  # rank 0 has written it before any rank exits after a signal
+            return path
         with atomic_dir(path) as tmp:
             torch.save({n: p.detach().cpu() for n, p in objects["model"].named_parameters() if p.requires_grad},
                        tmp / "weights.pt")
             torch.save(objects["optimizer"].state_dict(), tmp / "optimizer.pt")
             torch.save({"scheduler": objects["scheduler"].state_dict(), "scaler": objects["scaler"].state_dict(),
-                        "adalora": _adalora_state(objects["model"]), "rng": _rng_state()}, tmp / "trainer.pt")
+                        "adalora": _adalora_state(objects["model"]), "rng": rng[0], "rng_of_ranks": rng},
+                       tmp / "trainer.pt")
             write_json(tmp / "progress.json", {
                 "step": step, "micro_batches": step * self.train.gradient_accumulation_steps,
                 "curves": objects["curves"], "counted": objects["counted"],
@@ -106,6 +118,7 @@ class Checkpoints:
                           for name in FILES}})
         self._prune(keep=path)
         log.info("checkpoint %s written (step %d/%d)", path, step, self.train.max_steps)
+        self.runtime.barrier()
         return path
 
     @property
@@ -117,7 +130,7 @@ class Checkpoints:
         """The run's outputs are saved: drop its checkpoints and give the signals their old handlers back."""
         for number, handler in self._previous_handlers.items():
             signal.signal(number, handler)
-        if self.root.exists():
+        if self.root.exists() and self.runtime.is_main:
             shutil.rmtree(self.root)
 
     def _on_signal(self, number: int, frame) -> None:
@@ -165,7 +178,7 @@ class Checkpoints:
         _set_adalora_state(objects["model"], trainer["adalora"])
         for _ in range(progress["micro_batches"]):  # before the RNG restore: a new epoch draws from torch's RNG
             next(batches)
-        _set_rng_state(trainer["rng"])
+        _set_rng_state(trainer.get("rng_of_ranks", [trainer["rng"]])[self.runtime.rank])  # same world: fingerprint
         for key, value in progress["curves"].items():
             objects["curves"][key][:] = value
         objects["counted"].update(progress["counted"])

@@ -1,0 +1,148 @@
+"""Data-parallel training on the CPU with the gloo backend: validation of `train.distributed`, two processes
+training the one-process update, the launcher tunelab train starts (torchrun, srun), signals reaching every rank
+and the rerun resuming to the uninterrupted loss, and the per-node command lines as two rendezvous launchers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import yaml
+
+from tunelab import modeling
+from tunelab.artifacts import read_json, read_jsonl
+from tunelab.config import DistributedConfig, TrainConfig, load_study
+from tunelab.distributed import launch, runtime
+from tunelab.distributed.zero import deepspeed_config
+from tunelab.errors import TunelabError
+from tunelab.train import attach_method, fit
+from conftest import REPO
+
+TOLERANCE = 0.01  # relative, at every step
+STEPS = 20
+
+
+def study_text(**train) -> str:
+    study = {"name": "dist", "data": {"source": "synthetic:300", "test_size": 8, "max_length": 96},
+             "models": {"tiny": {"source": "tiny", "tiny": {"vocab_size": 512, "warmup_steps": 0}}},
+             "train": {"max_steps": 40, "micro_batch_size": 2, "gradient_accumulation_steps": 2, **train},
+             "runs": [{"name": "r", "model": "tiny"}]}
+    return yaml.safe_dump(study)
+
+
+# --- validation -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("distributed, other, message", [
+    ({"strategy": "deepspeed", "zero_stage": 3, "gpus": 2}, {"quantization": "nf4"}, "can't be partitioned"),
+    ({"strategy": "deepspeed", "gpus": 2}, {"method": "adalora"}, "RankAllocator"),
+    ({"strategy": "deepspeed", "gpus": 2}, {"optimizer": "paged_adamw_8bit"}, "8-bit/paged"),
+    ({"strategy": "deepspeed", "gpus": 2}, {"precision": "fp16"}, "loss scaler"),
+    ({"strategy": "ddp", "gpus": 2, "nodes": 2}, {"gradient_accumulation_steps": 2}, "multiple of the 4 processes"),
+    ({"strategy": "fsdp", "gpus": 2}, {}, "deepspeed"),
+    ({"gpus": 0}, {}, "greater than or equal to 1"),
+    ({"gpus": 2, "zero": 2}, {}, "unknown key (allowed: strategy, zero_stage, gpus, nodes)"),
+])
+def test_unsupported_combinations_get_one_clear_error(tmp_path, distributed, other, message):
+    path = tmp_path / "study.yaml"
+    path.write_text(study_text(gradient_accumulation_steps=other.pop("gradient_accumulation_steps", 4),
+                               distributed=distributed, **other))
+    with pytest.raises(TunelabError) as error:
+        load_study(path)
+    text = str(error.value)
+    assert message in text and str(path) in text and "distributed" in text and len(text.splitlines()) == 1
+
+
+def test_supported_combinations_validate(tmp_path):
+    for distributed, other in [({"gpus": 2}, {}), ({"strategy": "ddp", "gpus": 2}, {"method": "adalora"}),
+                               ({"zero_stage": 3, "gpus": 2, "nodes": 2}, {"method": "full"}),
+                               ({"strategy": "ddp", "gpus": 2}, {"quantization": "nf4"})]:
+        path = tmp_path / "study.yaml"
+        path.write_text(study_text(gradient_accumulation_steps=4, distributed=distributed, **other))
+        train = load_study(path).run("r").train
+        assert train.distributed.strategy == distributed.get("strategy", "deepspeed")
+        assert train.world_size == distributed["gpus"] * distributed.get("nodes", 1)
+
+
+def test_deepspeed_config_keeps_the_global_batch():
+    train = TrainConfig(micro_batch_size=4, gradient_accumulation_steps=8, max_grad_norm=0.5,
+                        distributed={"zero_stage": 3, "gpus": 2, "nodes": 2})
+    config = deepspeed_config(train)
+    assert config["train_batch_size"] == 4 * 8 == (config["train_micro_batch_size_per_gpu"]
+                                                     * config["gradient_accumulation_steps"] * 4)
+    assert config["zero_optimization"]["stage"] == 3 and config["gradient_clipping"] == 0.5
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    assert deepspeed_config(train.model_copy(update={"distributed": DistributedConfig(gpus=2)}))[
+        "zero_optimization"]["stage"] == 2
+
+
+# --- two processes train the one-process update ---------------------------------------------------------------
+
+def _train_settings() -> TrainConfig:
+    # full fine-tuning, no dropout anywhere (the tiny Qwen2 has none), four micro-batches a step
+    return TrainConfig(method="full", max_steps=STEPS, micro_batch_size=2, gradient_accumulation_steps=4,
+                       learning_rate=2e-3, warmup_steps=0, lr_scheduler="constant_with_warmup", eval_every=STEPS,
+                       group_by_length=False, profile={"steps": 0}, checkpoint_every=0)
+
+
+class _WithoutAllReduce(runtime.DataParallel):
+    """The broken variant: each rank steps on its own gradients (no DDP), so the ranks drift apart."""
+
+    def wrap(self, model, optimizer):
+        return model
+
+    def accumulating(self, wrapped, more_to_come):
+        return runtime.Single.accumulating(self, wrapped, more_to_come)
+
+    def backward(self, loss):
+        loss.backward()
+
+
+def _rank(rank: int, world: int, port: int, base: str, tokens: str, out: str, broken: bool) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train = _train_settings()
+    torch.manual_seed(0)
+    worker = (_WithoutAllReduce if broken else runtime.DataParallel)(train) if world > 1 else runtime.Single()
+    model = attach_method(modeling.load_model(base, train, for_training=True), train)
+    metrics = fit(model, read_jsonl(Path(tokens) / "train.jsonl"), read_jsonl(Path(tokens) / "validation.jsonl")[:4],
+                  train, 0, runtime=worker)
+    Path(f"{out}.{rank}.json").write_text(json.dumps(metrics["loss_curve"]))
+    worker.close()
+
+
+def _losses(tmp_path, tiny_base, tiny_tokens, world: int, broken: bool = False) -> list[list[float]]:
+    out = tmp_path / f"w{world}{'-broken' if broken else ''}"
+    args = (world, _free_port(), str(tiny_base), str(tiny_tokens / "tokens"), str(out), broken)
+    mp.start_processes(_rank, args=args, nprocs=world, start_method="spawn")
+    return [[loss for _, loss in json.loads(Path(f"{out}.{r}.json").read_text())] for r in range(world)]
+
+
+def _matches(reference: list[float], other: list[float]) -> bool:
+    return all(abs(a - b) <= TOLERANCE * abs(a) for a, b in zip(reference, other, strict=True))
+
+
+def test_two_processes_train_the_one_process_curve(tmp_path, tiny_base, tiny_tokens):
+    [single] = _losses(tmp_path, tiny_base, tiny_tokens, 1)
+    assert single[0] - min(single) >= 10 * TOLERANCE * single[0], f"the loss must fall well past the tolerance: {single}"
+    both = _losses(tmp_path, tiny_base, tiny_tokens, 2)
+    assert both[0] == both[1]  # every rank logs the all-reduced loss
+    assert _matches(single, both[0]), list(zip(single, both[0]))
+    # the broken variant (no gradient all-reduce) is caught by the same check
+    broken = _losses(tmp_path, tiny_base, tiny_tokens, 2, broken=True)
+    assert not _matches(single, broken[0]), list(zip(single, broken[0]))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
