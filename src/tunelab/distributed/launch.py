@@ -36,16 +36,17 @@ def is_rank() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def node_command(distributed: DistributedConfig, worker_args: list[str], *, node_rank: int = 0,
-                 master: str = "127.0.0.1", port: int = PORT_BASE, rendezvous_id: str = "tunelab") -> list[str]:
-    """torchrun on one node: `gpus` ranks, each running `tunelab train <worker_args>`."""
+def node_command(distributed: DistributedConfig, worker_args: list[str], *, master: str = "127.0.0.1", port: int = PORT_BASE, rendezvous_id: str = "tunelab",
+                 entry: list[str] | None = None) -> list[str]:
+    """torchrun on one node: `gpus` ranks, each running `tunelab train <worker_args>` (or the script `entry`)."""
     command = [sys.executable, "-m", "tunelab.distributed.agent", "--nproc_per_node", str(distributed.gpus)]
     if distributed.nodes == 1:
         command += ["--standalone"]  # a free port of its own: several runs may share a machine
     else:
-        command += ["--nnodes", str(distributed.nodes), "--node_rank", str(node_rank), "--rdzv_backend", "c10d",
+        # c10d rendezvous numbers the nodes as they join (torchrun ignores --node_rank with it)
+        command += ["--nnodes", str(distributed.nodes), "--rdzv_backend", "c10d",
                     "--rdzv_endpoint", f"{master}:{port}", "--rdzv_id", rendezvous_id]
-    return command + ["-m", "tunelab.cli", "train", *worker_args]
+    return command + (entry or ["-m", "tunelab.cli", "train", *worker_args])
 
 
 def srun_command(distributed: DistributedConfig, worker_args: list[str], job_id: str, *, gpus: bool) -> list[str]:
@@ -61,15 +62,15 @@ def srun_command(distributed: DistributedConfig, worker_args: list[str], job_id:
 
 def slurm_node_command(distributed: DistributedConfig, worker_args: list[str],
                        environ: dict | None = None) -> list[str]:
-    """This SLURM node task's torchrun: node rank from SLURM_NODEID, rendezvous on the job's first host."""
+    """This SLURM node task's torchrun, rendezvous on the first host of the job's node list."""
     environ = os.environ if environ is None else environ
     try:
-        job_id, node_rank, nodelist = environ["SLURM_JOB_ID"], int(environ["SLURM_NODEID"]), environ["SLURM_JOB_NODELIST"]
+        job_id, nodelist = environ["SLURM_JOB_ID"], environ["SLURM_JOB_NODELIST"]
     except KeyError as missing:
         raise TunelabError(f"a node launcher of a multi-node run needs {missing} (it runs under srun)") from None
     hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
     master = hosts.stdout.split()[0]
-    return node_command(distributed, worker_args, node_rank=node_rank, master=master,
+    return node_command(distributed, worker_args, master=master,
                         port=PORT_BASE + int(job_id) % 1000, rendezvous_id=f"tunelab-{job_id}")
 
 
