@@ -59,8 +59,11 @@ def rank(args) -> None:
     torch.manual_seed(0)
     config = Qwen2Config(**bench.ARCHITECTURES[args.arch], rope_theta=1e6, max_position_embeddings=32768,
                          rms_norm_eps=1e-6, attn_implementation="sdpa")
+    # full fine-tuning keeps fp32 master weights under bf16 autocast on both sides (the precision policy of helper
+    # train's master_weights: fp32); ZeRO-3 then partitions those fp32 weights without another copy
     with torch.device(modeling.device()):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32 if args.method == "full" else torch.bfloat16)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model = attach_method(model, train)

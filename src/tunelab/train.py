@@ -176,9 +176,13 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
         "tokens_per_second": counted["tokens"] / max(counted["seconds"], 1e-9),
         "padding_fraction": counted["padded"] / max(all_tokens, 1),
         "wall_seconds": time.perf_counter() - started, "device": str(device),
-        "trainable_parameters": sum(p.numel() for p in params),
-        "total_parameters": sum(p.numel() for p in model.parameters()), **peak,
+        "trainable_parameters": sum(_numel(p) for p in params),
+        "total_parameters": sum(_numel(p) for p in model.parameters()), **peak,
         "gpus": runtime.world_size if device.type == "cuda" else 0, "processes": runtime.world_size}
+
+
+def _numel(parameter: torch.Tensor) -> int:
+    return getattr(parameter, "ds_numel", parameter.numel())  # ZeRO-3 leaves each rank a partition
 
 
 def _check_step(step: int, loss: float, params: list[torch.Tensor], label: str) -> None:
