@@ -15,4 +15,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 nvidia-smi topo -m | head -4
 python3 -c "import deepspeed, torch, transformers, peft; print('deepspeed', deepspeed.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'gpus', torch.cuda.device_count())"
 python3 scripts/multigpu_bench.py plan --out "$OUT" --budget "${BUDGET:-330}" --call "${CALL:-dist-1}" \
-    --commit "${COMMIT:-}" 2>&1 | grep -v -E "Warning|warn\(|^W1|^\s*$" | tee "$OUT/log.txt"
+    --commit "${COMMIT:-}" ${ONLY:+--only $ONLY} 2>&1 | grep -v -E "Warning|warn\(|^W1|^\s*$" | tee "$OUT/log.txt"

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-CASES = [  # (label, arch, method, gpus, zero_stage, batch, steps, nodes)
+CASES = [  # (label, arch, method, gpus in all, zero_stage, batch, steps, nodes)
     ("1.5b-lora", "qwen2.5-1.5b", "lora", 1, 2, 4, 10, 1),
     ("1.5b-lora", "qwen2.5-1.5b", "lora", 2, 2, 4, 10, 1),
     ("7b-lora", "qwen2.5-7b", "lora", 1, 2, 4, 10, 1),
@@ -39,7 +39,6 @@ CASES = [  # (label, arch, method, gpus, zero_stage, batch, steps, nodes)
 
 def rank(args) -> None:
     import torch
-    from torch.optim.optimizer import register_optimizer_step_post_hook
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from tunelab import bench, modeling
@@ -68,11 +67,14 @@ def rank(args) -> None:
     model.config.use_cache = False
     model = attach_method(model, train)
     examples = bench.synthetic_examples(config.vocab_size, args.steps * args.batch * world, args.seq)
+    # one stamp per optimizer step: each rank runs one micro-batch a step (accumulation = ranks), and the
+    # embedding runs once per forward (gradient checkpointing recomputes the decoder layers only); the last
+    # stamp is the final validation pass. (ZeRO-3 steps its optimizer once per parameter sub-group.)
     stamps = []
-    hook = register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda *_: stamps.append(time.perf_counter()))
     metrics = fit(model, examples, examples[:args.batch], train, pad_id=0, runtime=worker)
     hook.remove()
-    periods = [b - a for a, b in zip(stamps[2:], stamps[3:])]
+    periods = [b - a for a, b in zip(stamps[3:-1], stamps[4:])]  # steps 4.. (warm-up 3; the last ends at validation)
     if worker.is_main:
         tokens_per_step = args.batch * args.seq * world
         row = {"tok_s": tokens_per_step / statistics.median(periods),
@@ -133,9 +135,11 @@ def plan(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.budget
-    for index, (label, arch, method, gpus, zero, batch, steps, nodes) in enumerate(CASES):
+    order = args.only if args.only else range(len(CASES))
+    for position, index in enumerate(order):
+        label, arch, method, gpus, zero, batch, steps, nodes = CASES[index]
         if time.monotonic() > deadline:
-            print(f"budget spent: not run: {CASES[index:]}", flush=True)
+            print(f"budget spent: not run: {[CASES[i] for i in order[position:]]}", flush=True)
             break
         row_file = out / f"row-{index}.json"
         entry = [str(Path(__file__).resolve()), "rank", "--arch", arch, "--method", method, "--zero-stage", str(zero),
@@ -155,10 +159,10 @@ def plan(args) -> None:
                                           env={**os.environ, "CUDA_VISIBLE_DEVICES": str(r)})
                          for r in range(nodes)]
         codes = [p.wait() for p in processes]
-        row = {"side": "tunelab", "call": args.call, "card": "NVIDIA H200", "gpus": gpus * nodes if nodes > 1 else gpus,
+        row = {"side": "tunelab", "call": args.call, "card": "NVIDIA H200", "gpus": gpus,
                "nodes": nodes, "model": arch, "method": method, "quantization": "none", "batch": batch,
-               "seq": args.seq, "strategy": args.strategy if gpus * nodes > 1 else "single",
-               "zero_stage": zero if gpus * nodes > 1 else None, "steps": steps, "case": label,
+               "seq": args.seq, "strategy": args.strategy if gpus > 1 else "single",
+               "zero_stage": zero if gpus > 1 else None, "steps": steps, "case": label,
                "exit": codes, "wall_s": time.monotonic() - started, "commit": args.commit,
                "date": time.strftime("%Y-%m-%d")}
         if row_file.exists():
@@ -180,6 +184,7 @@ def main() -> None:
     p.add_argument("--call", default="dist-1")
     p.add_argument("--commit", default="")
     p.add_argument("--strategy", default="deepspeed", choices=["deepspeed", "ddp"])
+    p.add_argument("--only", type=int, nargs="*", help="indices of CASES to run, in this order")
     p.add_argument("--dry-run", action="store_true", help="tiny model, 3 steps: check the plan on the CPU")
     r = commands.add_parser("rank")
     for name, kind in (("arch", str), ("method", str), ("zero-stage", int), ("batch", int), ("steps", int),

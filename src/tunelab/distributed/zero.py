@@ -10,6 +10,8 @@ def deepspeed_config(train: TrainConfig) -> dict:
 
     Precision stays tunelab's: weights keep the dtype `modeling.load_model` gave them and the forward runs under
     the run's autocast, so a 2-GPU run has the 1-GPU run's precision policy (DeepSpeed's own bf16/fp16 modes off).
+    The engine turns off an autocast entered outside it unless its `torch_autocast` section names it; no module is
+    listed as lower-precision-safe, so gradients are reduced in the weights' dtype, as one GPU accumulates them.
     The optimizer is tunelab's torch AdamW (`zero_allow_untested_optimizer`): nothing is JIT-compiled.
     """
     distributed = train.distributed
@@ -28,6 +30,8 @@ def deepspeed_config(train: TrainConfig) -> dict:
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": False},
         "fp16": {"enabled": False},
+        "torch_autocast": {"enabled": train.precision != "fp32", "dtype": train.precision,
+                           "lower_precision_safe_modules": []},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
