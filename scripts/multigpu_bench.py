@@ -150,11 +150,11 @@ def plan(args) -> None:
             entry[entry.index("--seq") + 1] = "32"
         started = time.monotonic()
         if nodes == 1:
-            command = launch.node_command(DistributedConfig(gpus=gpus), [], entry=entry)
+            command = launch.node_command(DistributedConfig(gpus=gpus), entry=entry)
             processes = [subprocess.Popen(command)]
         else:  # two "nodes" of one GPU each: the per-node command lines of a SLURM job, rendezvous on 127.0.0.1
             config = DistributedConfig(gpus=1, nodes=nodes)
-            processes = [subprocess.Popen(launch.node_command(config, [], port=29611,
+            processes = [subprocess.Popen(launch.node_command(config, port=29611,
                                                               rendezvous_id="twonode", entry=entry),
                                           env={**os.environ, "CUDA_VISIBLE_DEVICES": str(r)})
                          for r in range(nodes)]

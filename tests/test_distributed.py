@@ -146,3 +146,57 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# --- the launcher: signals reach every rank, the rerun resumes --------------------------------------------------
+
+RESUME_STEPS, EVERY = 12, 4
+
+
+def _start(tmp_path: Path, tiny_base: Path, tiny_tokens: Path, out: Path) -> subprocess.Popen:
+    """`tunelab train` of a 2-process DDP run as the rule starts it: it starts torchrun, which starts the ranks."""
+    study = tmp_path / "study.yaml"
+    if not study.exists():
+        study.write_text(study_text(
+            max_steps=RESUME_STEPS, checkpoint_every=EVERY, gradient_accumulation_steps=2, learning_rate=2e-3,
+            warmup_steps=2, eval_every=6, log_every=1, profile={"steps": 0},
+            lora={"r": 4, "alpha": 8, "dropout": 0.1},  # dropout: every rank's RNG must resume
+            distributed={"strategy": "ddp", "gpus": 2}))
+    command = [sys.executable, "-m", "tunelab.cli", "train", "--config", str(study), "--run", "r",
+               "--base", str(tiny_base), "--tokens", str(tiny_tokens / "tokens"), "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, stdout=open(f"{out}.log", "a"), stderr=subprocess.STDOUT, env=env)
+
+
+def _finish(tmp_path, tiny_base, tiny_tokens, out: Path) -> dict:
+    process = _start(tmp_path, tiny_base, tiny_tokens, out)
+    assert process.wait(timeout=600) == 0, Path(f"{out}.log").read_text()[-3000:]
+    return read_json(out / "train_metrics.json")
+
+
+def test_usr1_to_the_launcher_reaches_every_rank_and_the_rerun_resumes(tmp_path, tiny_base, tiny_tokens):
+    reference = _finish(tmp_path, tiny_base, tiny_tokens, tmp_path / "uninterrupted")
+    assert reference["processes"] == 2 and reference["gpus"] == 0 and reference["gpu_hours"] == 0
+
+    out = tmp_path / "interrupted"
+    process = _start(tmp_path, tiny_base, tiny_tokens, out)
+    deadline = time.monotonic() + 600
+    while f"r step {EVERY + 2}/{RESUME_STEPS} " not in Path(f"{out}.log").read_text():
+        assert process.poll() is None and time.monotonic() < deadline, Path(f"{out}.log").read_text()[-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGUSR1)  # to `tunelab train`, as SLURM's --signal=USR1 or a B:USR1 would
+    assert process.wait(timeout=300) != 0
+    log = Path(f"{out}.log").read_text()
+    stops = [line.split("stopped by SIGUSR1 after step ")[1].split("/")[0] for line in log.splitlines()
+             if "stopped by SIGUSR1 after step " in line]
+    assert len(stops) == 2 and stops[0] == stops[1], log[-3000:]  # both ranks, after the same step
+    stopped = int(stops[0])
+    assert (out / "checkpoints" / f"step-{stopped:08d}" / "manifest.json").is_file()
+    assert len(torch.load(out / "checkpoints" / f"step-{stopped:08d}" / "trainer.pt",
+                          weights_only=True)["rng_of_ranks"]) == 2
+    assert not (out / "train_metrics.json").exists()
+
+    metrics = _finish(tmp_path, tiny_base, tiny_tokens, out)
+    assert metrics["resumed_from_step"] == stopped
+    for curve in ("loss_curve", "validation_loss_curve"):
+        torch.testing.assert_close(torch.tensor(metrics[curve]), torch.tensor(reference[curve]), atol=1e-4, rtol=0)

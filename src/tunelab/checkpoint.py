@@ -16,6 +16,7 @@ micro-batches puts the data where it was. See docs/reliability.md.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import random
@@ -97,7 +98,7 @@ class Checkpoints:
         """Write the checkpoint of `step` (after the step's update), then drop the oldest beyond checkpoint_keep."""
         objects = self._objects
         path = self.root / _name(step)
-        rng = self.runtime.gather(_rng_state())  # a collective: every rank calls save
+        rng = self.runtime.gather(_rng_bytes())  # a collective: every rank calls save
         if not self.runtime.is_main:
             self.runtime.barrier()  # rank 0 has written it before any rank exits after a signal
             return path
@@ -106,7 +107,8 @@ class Checkpoints:
                        tmp / "weights.pt")
             torch.save(objects["optimizer"].state_dict(), tmp / "optimizer.pt")
             torch.save({"scheduler": objects["scheduler"].state_dict(), "scaler": objects["scaler"].state_dict(),
-                        "adalora": _adalora_state(objects["model"]), "rng": rng[0], "rng_of_ranks": rng},
+                        "adalora": _adalora_state(objects["model"]), "rng": _rng_state(),
+                        "rng_of_ranks": [torch.load(io.BytesIO(state), weights_only=True) for state in rng]},
                        tmp / "trainer.pt")
             write_json(tmp / "progress.json", {
                 "step": step, "micro_batches": step * self.train.gradient_accumulation_steps,
@@ -222,6 +224,13 @@ def _rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _rng_bytes() -> bytes:
+    """This rank's RNG state, serialized: all_gather_object can't carry the tensors in it on gloo."""
+    buffer = io.BytesIO()
+    torch.save(_rng_state(), buffer)
+    return buffer.getvalue()
 
 
 def _set_rng_state(state: dict) -> None:

@@ -15,6 +15,7 @@ ranks; when the child is srun, srun forwards it to the node tasks, which do the 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+TRAIN_ARGS = "TUNELAB_TRAIN_ARGS"  # the ranks' `tunelab train` arguments, JSON (distributed.rank)
 ROLE = "TUNELAB_LAUNCH_ROLE"  # "node": a per-node task started by srun; "rank": a training process
 PORT_BASE = 29500
 
@@ -36,9 +38,10 @@ def is_rank() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def node_command(distributed: DistributedConfig, worker_args: list[str], *, master: str = "127.0.0.1", port: int = PORT_BASE, rendezvous_id: str = "tunelab",
-                 entry: list[str] | None = None) -> list[str]:
-    """torchrun on one node: `gpus` ranks, each running `tunelab train <worker_args>` (or the script `entry`)."""
+def node_command(distributed: DistributedConfig, *, master: str = "127.0.0.1", port: int = PORT_BASE,
+                 rendezvous_id: str = "tunelab", entry: list[str] | None = None) -> list[str]:
+    """torchrun on one node: `gpus` ranks, each running `tunelab train` with the arguments in TRAIN_ARGS (or the
+    script `entry`)."""
     command = [sys.executable, "-m", "tunelab.distributed.agent", "--nproc_per_node", str(distributed.gpus)]
     if distributed.nodes == 1:
         command += ["--standalone"]  # a free port of its own: several runs may share a machine
@@ -46,7 +49,7 @@ def node_command(distributed: DistributedConfig, worker_args: list[str], *, mast
         # c10d rendezvous numbers the nodes as they join (torchrun ignores --node_rank with it)
         command += ["--nnodes", str(distributed.nodes), "--rdzv_backend", "c10d",
                     "--rdzv_endpoint", f"{master}:{port}", "--rdzv_id", rendezvous_id]
-    return command + (entry or ["-m", "tunelab.cli", "train", *worker_args])
+    return command + (entry or ["-m", "tunelab.distributed.rank"])
 
 
 def srun_command(distributed: DistributedConfig, worker_args: list[str], job_id: str, *, gpus: bool) -> list[str]:
@@ -60,8 +63,7 @@ def srun_command(distributed: DistributedConfig, worker_args: list[str], job_id:
     return command + [sys.executable, "-m", "tunelab.cli", "train", *worker_args]
 
 
-def slurm_node_command(distributed: DistributedConfig, worker_args: list[str],
-                       environ: dict | None = None) -> list[str]:
+def slurm_node_command(distributed: DistributedConfig, environ: dict | None = None) -> list[str]:
     """This SLURM node task's torchrun, rendezvous on the first host of the job's node list."""
     environ = os.environ if environ is None else environ
     try:
@@ -70,14 +72,14 @@ def slurm_node_command(distributed: DistributedConfig, worker_args: list[str],
         raise TunelabError(f"a node launcher of a multi-node run needs {missing} (it runs under srun)") from None
     hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
     master = hosts.stdout.split()[0]
-    return node_command(distributed, worker_args, master=master,
+    return node_command(distributed, master=master,
                         port=PORT_BASE + int(job_id) % 1000, rendezvous_id=f"tunelab-{job_id}")
 
 
 def launch(distributed: DistributedConfig, worker_args: list[str], *, gpus: bool) -> int:
     """Start the run's launcher(s) from `tunelab train`; return the exit status to exit with."""
     role = os.environ.get(ROLE)
-    environment = dict(os.environ)
+    environment = {**os.environ, TRAIN_ARGS: json.dumps(worker_args)}
     if distributed.nodes > 1 and role != "node":
         job_id = environment.get("SLURM_JOB_ID")
         if not job_id:
@@ -86,8 +88,7 @@ def launch(distributed: DistributedConfig, worker_args: list[str], *, gpus: bool
         environment[ROLE] = "node"
         return run_forwarding(srun_command(distributed, worker_args, job_id, gpus=gpus), environment,
                               to_children=False)
-    command = (slurm_node_command(distributed, worker_args) if distributed.nodes > 1
-               else node_command(distributed, worker_args))
+    command = slurm_node_command(distributed) if distributed.nodes > 1 else node_command(distributed)
     environment[ROLE] = "rank"
     return run_forwarding(command, environment, to_children=True)
 
