@@ -200,3 +200,58 @@ def test_usr1_to_the_launcher_reaches_every_rank_and_the_rerun_resumes(tmp_path,
     assert metrics["resumed_from_step"] == stopped
     for curve in ("loss_curve", "validation_loss_curve"):
         torch.testing.assert_close(torch.tensor(metrics[curve]), torch.tensor(reference[curve]), atol=1e-4, rtol=0)
+
+
+# --- the command lines: srun across nodes, one torchrun per node, rendezvous on the first host ------------------
+
+def test_multi_node_command_lines(tmp_path, monkeypatch):
+    distributed = DistributedConfig(gpus=4, nodes=2)
+    srun = launch.srun_command(distributed, ["--run", "r"], "4711", gpus=True)
+    assert srun[:8] == ["srun", "--jobid=4711", "--overlap", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
+                        "--kill-on-bad-exit=1", "--gpus-per-node=4"]
+    assert srun[-5:] == ["-m", "tunelab.cli", "train", "--run", "r"]
+    scontrol = tmp_path / "scontrol"  # the job's node list as SLURM expands it
+    scontrol.write_text("#!/bin/sh\n[ \"$1 $2 $3\" = 'show hostnames gpu[07-08]' ] && printf 'gpu07\\ngpu08\\n'\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    node = launch.slurm_node_command(distributed, {"SLURM_JOB_ID": "4711", "SLURM_JOB_NODELIST": "gpu[07-08]"})
+    text = " ".join(node)
+    assert "--nproc_per_node 4 --nnodes 2 --rdzv_backend c10d --rdzv_endpoint gpu07:30211 --rdzv_id tunelab-4711" in text
+    assert node[-2:] == ["-m", "tunelab.distributed.rank"]
+    with pytest.raises(TunelabError, match="needs 'SLURM_JOB_NODELIST'"):
+        launch.slurm_node_command(distributed, {"SLURM_JOB_ID": "4711"})
+    with pytest.raises(TunelabError, match="nodes 2 needs a SLURM job"):
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+        monkeypatch.delenv(launch.ROLE, raising=False)
+        launch.launch(distributed, [], gpus=False)
+
+
+def test_two_node_launchers_train_the_single_launcher_run(tmp_path, tiny_base, tiny_tokens):
+    """The per-node command lines as two gloo launchers on this machine (c10d rendezvous on 127.0.0.1) train
+    what one launcher of two processes trains."""
+    runs = {"one": {"strategy": "ddp", "gpus": 2}, "two": {"strategy": "ddp", "gpus": 1, "nodes": 2}}
+    study = {"name": "nodes", "data": {"source": "synthetic:300", "test_size": 8, "max_length": 96},
+             "models": {"tiny": {"source": "tiny"}},
+             "train": {"max_steps": 6, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "eval_every": 6,
+                       "profile": {"steps": 0}, "lora": {"dropout": 0.0}},
+             "runs": [{"name": name, "model": "tiny", "distributed": d} for name, d in runs.items()]}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+    def arguments(run):
+        return ["--config", str(tmp_path / "study.yaml"), "--run", run, "--base", str(tiny_base),
+                "--tokens", str(tiny_tokens / "tokens"), "--out", str(tmp_path / run)]
+
+    single = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", *arguments("one")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    config, port = load_study(tmp_path / "study.yaml").run("two").train.distributed, _free_port()
+    launchers = [subprocess.Popen(launch.node_command(config, port=port, rendezvous_id="test"),
+                                  env={**env, launch.TRAIN_ARGS: json.dumps(arguments("two"))},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for _ in range(config.nodes)]
+    outputs = [launcher.communicate(timeout=600)[0] for launcher in launchers]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], outputs[0][-3000:]
+    one, two = (read_json(tmp_path / run / "train_metrics.json") for run in ("one", "two"))
+    assert two["processes"] == 2 and two["nodes"] == 2
+    torch.testing.assert_close(torch.tensor(two["loss_curve"]), torch.tensor(one["loss_curve"]), atol=1e-5, rtol=0)
