@@ -140,6 +140,9 @@ def test_two_processes_train_the_one_process_curve(tmp_path, tiny_base, tiny_tok
     # the broken variant (no gradient all-reduce) is caught by the same check
     broken = _losses(tmp_path, tiny_base, tiny_tokens, 2, broken=True)
     assert not _matches(single, broken[0]), list(zip(single, broken[0]))
+    worst = max(abs(a - b) / a for a, b in zip(single, both[0]))
+    print(f"loss {single[0]:.4f} -> {min(single):.4f}; 2 processes off by at most {worst:.2e} (relative); without "
+          f"the all-reduce by {max(abs(a - b) / a for a, b in zip(single, broken[0])):.2e}")
 
 
 def _free_port() -> int:
