@@ -59,12 +59,16 @@ def speed_tables(rows: list[dict]) -> str:
                     f"| {model} | {method} | {quant} | {gpus} | {batch} × {seq} | {_label(row)} | {row.get('kernels', '')} "
                     f"| {row.get('checkpointing', '')} | {row['tok_s']:,.0f} | {row['tok_s_range'][0]:,.0f}–"
                     f"{row['tok_s_range'][1]:,.0f} | {row['repeats']} | {row['peak_gib']:.2f} | {row['reserved_gib']:.2f} "
-                    f"| {row['mfu']:.1%} | {costs} | {ratio(plain)} | {ratio(peer)} |")
+                    f"| {_percent(row.get('mfu'))} | {costs} | {ratio(plain)} | {ratio(peer)} |")
         parts.append("")
     parts.append("Ratios are tokens/s ratio / peak-GiB ratio of the row against the plain loop and Unsloth of the "
                  "same call and shape. MFU: matmul FLOPs per token (4·N frozen base, 6·N full, N the matmul "
                  "weights with the head, plus causal attention; recomputation not counted) × tokens/s ÷ 790 TFLOP/s.")
     return "\n".join(parts)
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
 
 
 def check_table(checks: list[dict]) -> str:

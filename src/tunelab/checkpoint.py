@@ -16,6 +16,7 @@ micro-batches puts the data where it was. See docs/reliability.md.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import random
@@ -47,8 +48,11 @@ def fingerprint(train: TrainConfig, base: str, tokens: Path) -> str:
 class Checkpoints:
     """The checkpoints of one run. `fit` calls `resume` once before its loop and `after_step` after each step."""
 
-    def __init__(self, root: Path, train: TrainConfig, run_fingerprint: str):
+    def __init__(self, root: Path, train: TrainConfig, run_fingerprint: str, runtime=None):
+        from tunelab.distributed.runtime import Single
+
         self.root, self.train, self.fingerprint = Path(root), train, run_fingerprint
+        self.runtime = runtime or Single()  # several ranks: rank 0 writes, every rank's RNG state is kept
         self.signalled: int | None = None
         self.resumed_step, self.resumed_wall_seconds = 0, 0.0
         self._started = time.perf_counter()
@@ -78,7 +82,11 @@ class Checkpoints:
         """Write a checkpoint when one is due or a signal came; after a signal, exit non-zero."""
         every = self.train.checkpoint_every
         due = every and step % every == 0 and step < self.train.max_steps  # the last step saves the outputs
-        if due or self.signalled:
+        if self.runtime.world_size > 1:  # a signal to any rank stops every rank after the same step
+            self.signalled = int(self.runtime.maximum(self.signalled or 0)) or None
+        if (due or self.signalled) and not self.runtime.checkpointable:
+            log.warning("step %d: no checkpoint, DeepSpeed runs are not checkpointed yet (the rerun starts over)", step)
+        elif due or self.signalled:
             self.save(step)
         if self.signalled:
             name = signal.Signals(self.signalled).name
@@ -90,12 +98,18 @@ class Checkpoints:
         """Write the checkpoint of `step` (after the step's update), then drop the oldest beyond checkpoint_keep."""
         objects = self._objects
         path = self.root / _name(step)
+        rng = self.runtime.gather(_rng_bytes())  # a collective: every rank calls save
+        if not self.runtime.is_main:
+            self.runtime.barrier()  # rank 0 has written it before any rank exits after a signal
+            return path
         with atomic_dir(path) as tmp:
             torch.save({n: p.detach().cpu() for n, p in objects["model"].named_parameters() if p.requires_grad},
                        tmp / "weights.pt")
             torch.save(objects["optimizer"].state_dict(), tmp / "optimizer.pt")
             torch.save({"scheduler": objects["scheduler"].state_dict(), "scaler": objects["scaler"].state_dict(),
-                        "adalora": _adalora_state(objects["model"]), "rng": _rng_state()}, tmp / "trainer.pt")
+                        "adalora": _adalora_state(objects["model"]), "rng": _rng_state(),
+                        "rng_of_ranks": [torch.load(io.BytesIO(state), weights_only=True) for state in rng]},
+                       tmp / "trainer.pt")
             write_json(tmp / "progress.json", {
                 "step": step, "micro_batches": step * self.train.gradient_accumulation_steps,
                 "curves": objects["curves"], "counted": objects["counted"],
@@ -106,6 +120,7 @@ class Checkpoints:
                           for name in FILES}})
         self._prune(keep=path)
         log.info("checkpoint %s written (step %d/%d)", path, step, self.train.max_steps)
+        self.runtime.barrier()
         return path
 
     @property
@@ -117,7 +132,7 @@ class Checkpoints:
         """The run's outputs are saved: drop its checkpoints and give the signals their old handlers back."""
         for number, handler in self._previous_handlers.items():
             signal.signal(number, handler)
-        if self.root.exists():
+        if self.root.exists() and self.runtime.is_main:
             shutil.rmtree(self.root)
 
     def _on_signal(self, number: int, frame) -> None:
@@ -165,7 +180,7 @@ class Checkpoints:
         _set_adalora_state(objects["model"], trainer["adalora"])
         for _ in range(progress["micro_batches"]):  # before the RNG restore: a new epoch draws from torch's RNG
             next(batches)
-        _set_rng_state(trainer["rng"])
+        _set_rng_state(trainer.get("rng_of_ranks", [trainer["rng"]])[self.runtime.rank])  # same world: fingerprint
         for key, value in progress["curves"].items():
             objects["curves"][key][:] = value
         objects["counted"].update(progress["counted"])
@@ -209,6 +224,13 @@ def _rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _rng_bytes() -> bytes:
+    """This rank's RNG state, serialized: all_gather_object can't carry the tensors in it on gloo."""
+    buffer = io.BytesIO()
+    torch.save(_rng_state(), buffer)
+    return buffer.getvalue()
 
 
 def _set_rng_state(state: dict) -> None:

@@ -55,10 +55,20 @@ def _tokenize(study: Study, args) -> None:
 
 
 def _train(study: Study, args) -> None:
+    from tunelab.distributed import launch
     from tunelab.train import run_train
 
     check_runtime(study)
-    run_train(study.run(args.run), args.base, args.tokens, args.out)
+    run = study.run(args.run)
+    if run.train.world_size > 1 and not launch.is_rank():  # start the launcher; each rank runs this command again
+        import torch
+
+        worker_args = [str(a) for o in ("config", "run", "base", "tokens", "out") for a in (f"--{o}", getattr(args, o))]
+        status = launch.launch(run.train.distributed, worker_args, gpus=torch.cuda.is_available())
+        if status:
+            raise SystemExit(status)
+        return
+    run_train(run, args.base, args.tokens, args.out)
 
 
 def _merge(study: Study, args) -> None:

@@ -114,6 +114,39 @@ class ProfileConfig(Frozen):
     steps: int = Field(2, ge=0, description="profiled steps; 0 turns the profiler off")
 
 
+class DistributedConfig(Frozen):
+    """Data-parallel training over several GPUs and nodes, one process per GPU (src/tunelab/distributed/)."""
+
+    strategy: Literal["deepspeed", "ddp"] = Field(
+        "deepspeed", description="deepspeed (ZeRO, config generated from the run) or ddp (torch DistributedDataParallel)")
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage: 2 shards optimizer state and gradients, "
+                                                     "3 also the weights")
+    gpus: int = Field(1, ge=1, description="GPUs (processes) per node")
+    nodes: int = Field(1, ge=1, description="nodes; more than one needs SLURM (one launcher per node through srun)")
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus * self.nodes
+
+
+# Combinations refused at validation, each with the upstream reason: (applies, message)
+UNSUPPORTED_DISTRIBUTED = (
+    (lambda t, d: d.strategy == "deepspeed" and d.zero_stage == 3 and t.quantization != "none",
+     "ZeRO-3 partitions every weight, and bitsandbytes' quantized weights (Params4bit/Int8Params) can't be "
+     "partitioned by it: QLoRA under ZeRO-3 needs zero.Init-aware loading that only transformers' Trainer does "
+     "(peft docs, 'DeepSpeed'); use zero_stage 2"),
+    (lambda t, d: d.strategy == "deepspeed" and t.method == "adalora",
+     "AdaLoRA's rank allocator reads every adapter's .grad after the step (peft RankAllocator), and DeepSpeed ZeRO "
+     "keeps gradients in its own partitioned buffers (.grad is None); use strategy ddp"),
+    (lambda t, d: d.strategy == "deepspeed" and t.optimizer != "adamw_torch",
+     "DeepSpeed ZeRO steps the client optimizer on its own flattened partitions, which bitsandbytes' 8-bit/paged "
+     "optimizers are not tested with (DeepSpeed requires zero_allow_untested_optimizer for them); use adamw_torch "
+     "or strategy ddp"),
+    (lambda t, d: d.strategy == "deepspeed" and t.precision == "fp16",
+     "tunelab's fp16 GradScaler can't wrap DeepSpeed's optimizer (DeepSpeed brings its own loss scaler); use bf16"),
+)
+
+
 class TrainConfig(Frozen):
     """Settings of one training run; the study's `train:` block gives defaults, each run overrides."""
 
@@ -150,6 +183,13 @@ class TrainConfig(Frozen):
     kernels: Kernels = Field("auto", description="fast training path: liger (Liger-Kernel fused loss, RMSNorm and "
                                                  "SwiGLU, fused LoRA, bf16 frozen weights; CUDA only), none, or auto "
                                                  "(liger on CUDA, none elsewhere); see tunelab.kernels")
+    distributed: DistributedConfig | None = Field(
+        None, description="several GPUs/nodes: {strategy, zero_stage, gpus, nodes}; one GPU when absent")
+
+    @property
+    def world_size(self) -> int:
+        """Training processes: gpus x nodes of `distributed`, else 1."""
+        return self.distributed.world_size if self.distributed else 1
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -166,10 +206,25 @@ class TrainConfig(Frozen):
         if self.profile.steps and self.profile.start_step > self.max_steps:
             raise ValueError(f"profile.start_step {self.profile.start_step} is after max_steps {self.max_steps}: "
                              "the profiler would never start (lower it, or set profile.steps 0)")
+        if self.distributed:
+            self._check_distributed(self.distributed)
         if self.profile.steps and self.profile.start_step + self.profile.steps - 1 > self.max_steps:
             raise ValueError(f"profile window (steps {self.profile.start_step}..."
                              f"{self.profile.start_step + self.profile.steps - 1}) ends after max_steps {self.max_steps}")
         return self
+
+    def _check_distributed(self, distributed: DistributedConfig) -> None:
+        if self.gradient_accumulation_steps % distributed.world_size:
+            raise ValueError(
+                f"distributed: gradient_accumulation_steps {self.gradient_accumulation_steps} is not a multiple of the "
+                f"{distributed.world_size} processes (gpus x nodes): each optimizer step's micro-batches are split "
+                f"across them so the global batch stays micro_batch_size x gradient_accumulation_steps; set "
+                f"gradient_accumulation_steps to a multiple of {distributed.world_size}")
+        for applies, reason in UNSUPPORTED_DISTRIBUTED:
+            if applies(self, distributed):
+                raise ValueError(f"distributed: strategy {distributed.strategy} (zero_stage {distributed.zero_stage}) "
+                                 f"with method {self.method}, quantization {self.quantization}, optimizer "
+                                 f"{self.optimizer}, precision {self.precision} is not supported: {reason}")
 
 
 # TrainConfig fields that change how a run is logged and checkpointed, never its result

@@ -28,6 +28,7 @@ from tunelab.artifacts import atomic_dir, invalidate, read_jsonl, write_json, wr
 from tunelab.batches import label_tokens, mean_loss, real_tokens, training_batches
 from tunelab.checkpoint import Checkpoints, fingerprint
 from tunelab.config import Run, TrainConfig
+from tunelab.distributed import runtime as distributed
 from tunelab.errors import TunelabError
 from tunelab.tracking import Trackers, provenance
 
@@ -38,24 +39,36 @@ FINAL_FIGURES = ("final_loss", "final_validation_loss", "tokens_per_second", "pe
 def run_train(run: Run, base_dir: Path, tokens_dir: Path, out: Path) -> dict:
     """Train `run` from its base and tokens; write the model, metrics and profile into `out`."""
     set_seed(run.train.seed)
+    runtime = distributed.from_environment(run.train)  # before loading: it picks this rank's GPU
     path = modeling.base_path(base_dir)
     tokenizer = modeling.load_tokenizer(path)
     model = attach_method(modeling.load_model(path, run.train, for_training=True), run.train)
     train_examples = read_jsonl(tokens_dir / "train.jsonl")
     validation_examples = read_jsonl(tokens_dir / "validation.jsonl")
-    checkpoints = Checkpoints(out / "checkpoints", run.train, fingerprint(run.train, path, tokens_dir / "train.jsonl"))
+    checkpoints = Checkpoints(out / "checkpoints", run.train, fingerprint(run.train, path, tokens_dir / "train.jsonl"),
+                              runtime=runtime)
     metrics = fit(model, train_examples, validation_examples, run.train, tokenizer.pad_token_id,
-                  profile_dir=out / "profile", label=run.name, checkpoints=checkpoints, tracking_dir=out)
-    invalidate(out / "train_metrics.json")
-    with atomic_dir(out / "model") as model_dir:
-        model.save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
+                  profile_dir=out / "profile", label=run.name, checkpoints=checkpoints, tracking_dir=out,
+                  runtime=runtime)
+    with runtime.gathered(model):  # every rank takes part; rank 0 writes whole weights
+        if runtime.is_main:
+            invalidate(out / "train_metrics.json")
+            with atomic_dir(out / "model") as model_dir:
+                model.save_pretrained(model_dir)
+                tokenizer.save_pretrained(model_dir)
+    runtime.barrier()
+    if not runtime.is_main:
+        runtime.close()
+        return metrics
     metrics.update(run=run.name, model=run.model, base=path, config=run.train.model_dump(),
                    kernels=kernels.applied(model), **_adalora_budget(model), provenance=provenance())
     metrics.update(wall_seconds=metrics["wall_seconds"] + checkpoints.resumed_wall_seconds,
                    resumed_from_step=checkpoints.resumed_step)
+    metrics.update(nodes=run.train.distributed.nodes if run.train.distributed else 1,
+                   gpu_hours=metrics["gpus"] * metrics["wall_seconds"] / 3600)
     write_json(out / "train_metrics.json", metrics)
     checkpoints.finish()
+    runtime.close()
     return metrics
 
 
@@ -88,23 +101,29 @@ def attach_method(model, train: TrainConfig):
 
 def fit(model, train_examples: list[dict], validation_examples: list[dict], train: TrainConfig, pad_id: int,
         *, profile_dir: Path | None = None, label: str = "train", checkpoints: Checkpoints | None = None,
-        tracking_dir: Path | None = None) -> dict:
+        tracking_dir: Path | None = None, runtime: distributed.Single | None = None) -> dict:
     """Run `train.max_steps` optimizer steps on `model` in place; return the run's measurements.
-    With `tracking_dir`, the trackers of `train.tracking` log there (tunelab.tracking)."""
+
+    With `tracking_dir`, the trackers of `train.tracking` log there (tunelab.tracking) from rank 0. With a
+    multi-process `runtime` this rank trains on its share of each step (distributed.runtime)."""
+    runtime = runtime or distributed.Single()
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, train)
+    trained = runtime.wrap(model, optimizer)
     scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.warmup_steps,
                               num_training_steps=train.max_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
     autocast = modeling.autocast(train, device)
     batches = training_batches(train_examples, train.micro_batch_size, pad_id, seed=train.seed,
                                group_by_length=train.group_by_length, packing=train.packing)
-    # AdaLoRA: PEFT's AdaLoraModel.forward adds its orthogonality penalty to the loss of every micro-batch. The
-    # underlying model gives the cross-entropy alone (adapters included); the penalty is added once per step below.
+    # AdaLoRA: PEFT's AdaLoraModel.forward adds its orthogonality penalty to the loss of every micro-batch. With its
+    # weight at 0 during training, the forward gives the cross-entropy alone (adapters included); the penalty is
+    # added once per step below, and the weight is put back before the adapter is saved.
     adalora = train.method == "adalora"
-    forward = model.get_base_model() if adalora else model
     penalty_weight = model.peft_config["default"].orth_reg_weight if adalora else 0.0
+    if adalora:
+        model.peft_config["default"].orth_reg_weight = 0.0
     curves = {"loss": [], "validation_loss": [], "learning_rate": []}
     if adalora:
         curves["orthogonality_penalty"] = []
@@ -113,33 +132,34 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
     started = time.perf_counter()
     first = checkpoints.resume(model, optimizer, scheduler, scaler, batches, curves, counted) if checkpoints else 1
     profiler = (_Profiler(profile_dir, train.profile, device, first=first, max_steps=train.max_steps)
-                if profile_dir and train.profile.steps else None)
-    trackers = Trackers(train.tracking, tracking_dir, label, train.model_dump(), first) if tracking_dir else None
+                if profile_dir and train.profile.steps and runtime.is_main else None)
+    trackers = (Trackers(train.tracking, tracking_dir, label, train.model_dump(), first)
+                if tracking_dir and runtime.is_main else None)
     model.train()
-    progress = tqdm(range(first, train.max_steps + 1), desc=label, disable=None)
+    progress = tqdm(range(first, train.max_steps + 1), desc=label, disable=None if runtime.is_main else True)
     for step in progress:
         step_started = time.perf_counter()
         if profiler:
             profiler.before(step)
-        host_batches = [next(batches) for _ in range(train.gradient_accumulation_steps)]
-        step_tokens = sum(label_tokens(b) for b in host_batches)  # counted before the copy: no device sync
+        host_batches = runtime.shard([next(batches) for _ in range(train.gradient_accumulation_steps)])
+        # counted before the copy: no device sync (summed over ranks: an all-reduce the GPU waits on, not the host)
+        step_tokens = runtime.total(sum(label_tokens(b) for b in host_batches))
         micro_batches = [{k: v.to(device) for k, v in b.items()} for b in host_batches]
         loss = 0.0
-        for batch in micro_batches:
-            with autocast():
-                micro_loss = forward(**batch, use_cache=False, num_items_in_batch=step_tokens).loss
-            scaler.scale(micro_loss).backward()
+        for index, batch in enumerate(micro_batches):
+            with runtime.accumulating(trained, more_to_come=index < len(micro_batches) - 1):
+                with autocast():
+                    micro_loss = trained(**batch, use_cache=False, num_items_in_batch=step_tokens).loss
+                runtime.backward(scaler.scale(micro_loss))
             loss += micro_loss.detach()  # read once the optimizer step is queued: the GPU never waits on it
-        if penalty_weight:  # AdaLoRA: once per optimizer step, whatever the accumulation
+        if penalty_weight:  # AdaLoRA: once per optimizer step, whatever the accumulation (the same on every rank)
             penalty = orthogonality_penalty(model)
             scaler.scale(penalty_weight * penalty).backward()
             curves["orthogonality_penalty"].append([step, float(penalty)])
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        loss = float(loss)
-        _check_step(step, loss, params, label)  # before zero_grad: it reads the step-1 gradients
+        runtime.step(optimizer, scaler, params, train.max_grad_norm)
+        loss = float(runtime.total(loss))
+        # before zero_grad: it reads the step-1 gradients (which ZeRO keeps to itself)
+        _check_step(step, loss, params if runtime.local_gradients else [], label)
         if train.method == "adalora":  # after step, before zero_grad: it reads the gradients (PEFT AdaLoRA)
             model.base_model.update_and_allocate(step)
         optimizer.zero_grad(set_to_none=True)
@@ -166,20 +186,24 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
             if counted["seconds"]:
                 logged["tokens_per_second"] = counted["tokens"] / counted["seconds"]
             trackers.log_step(step, {**logged, "peak_memory_gib": _peak_memory(device)["peak_memory_gib"]})
-        if step % train.log_every == 0 or step == train.max_steps:
+        if (step % train.log_every == 0 or step == train.max_steps) and runtime.is_main:
             progress.set_postfix(loss=f"{loss:.3f}")
             log.info("%s step %d/%d loss %.4f lr %.2e tok/s %.0f peak %.2f GiB", label, step, train.max_steps, loss,
                      scheduler.get_last_lr()[0], counted["tokens"] / max(counted["seconds"], 1e-9),
                      _peak_memory(device)["peak_memory_gib"])
         if checkpoints:
             checkpoints.after_step(step)
+    counted["tokens"], counted["padded"] = (int(runtime.total(counted[k])) for k in ("tokens", "padded"))
     all_tokens = counted["tokens"] + counted["padded"]
     extra = {}
     if adalora:
+        model.peft_config["default"].orth_reg_weight = penalty_weight
         extra = {"orthogonality_penalty_curve": curves["orthogonality_penalty"], "orthogonality_penalty_weight":
                  penalty_weight, "final_orthogonality_penalty": curves["orthogonality_penalty"][-1][1]}
     if profiler:
         extra["profiled_steps"] = [profiler.first, profiler.last]
+    peak = {key: runtime.maximum(value) if isinstance(value, float) else value
+            for key, value in _peak_memory(device).items()}  # the fullest rank
     results = {
         "steps": train.max_steps, "loss_curve": curves["loss"], "validation_loss_curve": curves["validation_loss"],
         "learning_rate_curve": curves["learning_rate"], "final_loss": curves["loss"][-1][1],
@@ -188,11 +212,16 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
         "tokens_per_second": counted["tokens"] / max(counted["seconds"], 1e-9),
         "padding_fraction": counted["padded"] / max(all_tokens, 1),
         "wall_seconds": time.perf_counter() - started, "device": str(device),
-        "trainable_parameters": sum(p.numel() for p in params),
-        "total_parameters": sum(p.numel() for p in model.parameters()), **_peak_memory(device)}
+        "trainable_parameters": sum(_numel(p) for p in params),
+        "total_parameters": sum(_numel(p) for p in model.parameters()), **peak,
+        "gpus": runtime.world_size if device.type == "cuda" else 0, "processes": runtime.world_size}
     if trackers:
         trackers.finish({key: results[key] for key in FINAL_FIGURES})
     return results
+
+
+def _numel(parameter: torch.Tensor) -> int:
+    return getattr(parameter, "ds_numel", parameter.numel())  # ZeRO-3 leaves each rank a partition
 
 
 def orthogonality_penalty(model) -> torch.Tensor:
@@ -210,7 +239,7 @@ def _check_step(step: int, loss: float, params: list[torch.Tensor], label: str) 
     """Stop a run early whose loss is not finite, or whose first step has no gradient at all."""
     if not math.isfinite(loss):
         raise TunelabError(f"run {label}: loss is {loss} at step {step} (lower learning_rate, or use bf16/fp32)")
-    if step == 1 and all(p.grad is None or not p.grad.any() for p in params):
+    if step == 1 and params and all(p.grad is None or not p.grad.any() for p in params):
         raise TunelabError(f"run {label}: every trainable gradient is zero at step 1 "
                            "(no label tokens, or the trainable weights are detached from the loss)")
 

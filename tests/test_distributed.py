@@ -1,0 +1,260 @@
+"""Data-parallel training on the CPU with the gloo backend: validation of `train.distributed`, two processes
+training the one-process update, the launcher tunelab train starts (torchrun, srun), signals reaching every rank
+and the rerun resuming to the uninterrupted loss, and the per-node command lines as two rendezvous launchers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import yaml
+
+from tunelab import modeling
+from tunelab.artifacts import read_json, read_jsonl
+from tunelab.config import DistributedConfig, TrainConfig, load_study
+from tunelab.distributed import launch, runtime
+from tunelab.distributed.zero import deepspeed_config
+from tunelab.errors import TunelabError
+from tunelab.train import attach_method, fit
+from conftest import REPO
+
+TOLERANCE = 0.01  # relative, at every step
+STEPS = 20
+
+
+def study_text(**train) -> str:
+    study = {"name": "dist", "data": {"source": "synthetic:300", "test_size": 8, "max_length": 96},
+             "models": {"tiny": {"source": "tiny", "tiny": {"vocab_size": 512, "warmup_steps": 0}}},
+             "train": {"max_steps": 40, "micro_batch_size": 2, "gradient_accumulation_steps": 2, **train},
+             "runs": [{"name": "r", "model": "tiny"}]}
+    return yaml.safe_dump(study)
+
+
+# --- validation -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("distributed, other, message", [
+    ({"strategy": "deepspeed", "zero_stage": 3, "gpus": 2}, {"quantization": "nf4"}, "can't be partitioned"),
+    ({"strategy": "deepspeed", "gpus": 2}, {"method": "adalora"}, "RankAllocator"),
+    ({"strategy": "deepspeed", "gpus": 2}, {"optimizer": "paged_adamw_8bit"}, "8-bit/paged"),
+    ({"strategy": "deepspeed", "gpus": 2}, {"precision": "fp16"}, "loss scaler"),
+    ({"strategy": "ddp", "gpus": 2, "nodes": 2}, {"gradient_accumulation_steps": 2}, "multiple of the 4 processes"),
+    ({"strategy": "fsdp", "gpus": 2}, {}, "deepspeed"),
+    ({"gpus": 0}, {}, "greater than or equal to 1"),
+    ({"gpus": 2, "zero": 2}, {}, "unknown key (allowed: strategy, zero_stage, gpus, nodes)"),
+])
+def test_unsupported_combinations_get_one_clear_error(tmp_path, distributed, other, message):
+    path = tmp_path / "study.yaml"
+    path.write_text(study_text(gradient_accumulation_steps=other.pop("gradient_accumulation_steps", 4),
+                               distributed=distributed, **other))
+    with pytest.raises(TunelabError) as error:
+        load_study(path)
+    text = str(error.value)
+    assert message in text and str(path) in text and "distributed" in text and len(text.splitlines()) == 1
+
+
+def test_supported_combinations_validate(tmp_path):
+    for distributed, other in [({"gpus": 2}, {}), ({"strategy": "ddp", "gpus": 2}, {"method": "adalora"}),
+                               ({"zero_stage": 3, "gpus": 2, "nodes": 2}, {"method": "full"}),
+                               ({"strategy": "ddp", "gpus": 2}, {"quantization": "nf4"})]:
+        path = tmp_path / "study.yaml"
+        path.write_text(study_text(gradient_accumulation_steps=4, distributed=distributed, **other))
+        train = load_study(path).run("r").train
+        assert train.distributed.strategy == distributed.get("strategy", "deepspeed")
+        assert train.world_size == distributed["gpus"] * distributed.get("nodes", 1)
+
+
+def test_deepspeed_config_keeps_the_global_batch():
+    train = TrainConfig(micro_batch_size=4, gradient_accumulation_steps=8, max_grad_norm=0.5,
+                        distributed={"zero_stage": 3, "gpus": 2, "nodes": 2})
+    config = deepspeed_config(train)
+    assert config["train_batch_size"] == 4 * 8 == (config["train_micro_batch_size_per_gpu"]
+                                                     * config["gradient_accumulation_steps"] * 4)
+    assert config["zero_optimization"]["stage"] == 3 and config["gradient_clipping"] == 0.5
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    assert deepspeed_config(train.model_copy(update={"distributed": DistributedConfig(gpus=2)}))[
+        "zero_optimization"]["stage"] == 2
+
+
+# --- two processes train the one-process update ---------------------------------------------------------------
+
+def _train_settings() -> TrainConfig:
+    # full fine-tuning, no dropout anywhere (the tiny Qwen2 has none), four micro-batches a step
+    return TrainConfig(method="full", max_steps=STEPS, micro_batch_size=2, gradient_accumulation_steps=4,
+                       learning_rate=2e-3, warmup_steps=0, lr_scheduler="constant_with_warmup", eval_every=STEPS,
+                       group_by_length=False, profile={"steps": 0}, checkpoint_every=0)
+
+
+class _WithoutAllReduce(runtime.DataParallel):
+    """The broken variant: each rank steps on its own gradients (no DDP), so the ranks drift apart."""
+
+    def wrap(self, model, optimizer):
+        return model
+
+    def accumulating(self, wrapped, more_to_come):
+        return runtime.Single.accumulating(self, wrapped, more_to_come)
+
+    def backward(self, loss):
+        loss.backward()
+
+
+def _rank(rank: int, world: int, port: int, base: str, tokens: str, out: str, broken: bool) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train = _train_settings()
+    torch.manual_seed(0)
+    worker = (_WithoutAllReduce if broken else runtime.DataParallel)(train) if world > 1 else runtime.Single()
+    model = attach_method(modeling.load_model(base, train, for_training=True), train)
+    metrics = fit(model, read_jsonl(Path(tokens) / "train.jsonl"), read_jsonl(Path(tokens) / "validation.jsonl")[:4],
+                  train, 0, runtime=worker)
+    Path(f"{out}.{rank}.json").write_text(json.dumps(metrics["loss_curve"]))
+    worker.close()
+
+
+def _losses(tmp_path, tiny_base, tiny_tokens, world: int, broken: bool = False) -> list[list[float]]:
+    out = tmp_path / f"w{world}{'-broken' if broken else ''}"
+    args = (world, _free_port(), str(tiny_base), str(tiny_tokens / "tokens"), str(out), broken)
+    mp.start_processes(_rank, args=args, nprocs=world, start_method="spawn")
+    return [[loss for _, loss in json.loads(Path(f"{out}.{r}.json").read_text())] for r in range(world)]
+
+
+def _matches(reference: list[float], other: list[float]) -> bool:
+    return all(abs(a - b) <= TOLERANCE * abs(a) for a, b in zip(reference, other, strict=True))
+
+
+def test_two_processes_train_the_one_process_curve(tmp_path, tiny_base, tiny_tokens):
+    [single] = _losses(tmp_path, tiny_base, tiny_tokens, 1)
+    assert single[0] - min(single) >= 10 * TOLERANCE * single[0], f"the loss must fall well past the tolerance: {single}"
+    both = _losses(tmp_path, tiny_base, tiny_tokens, 2)
+    assert both[0] == both[1]  # every rank logs the all-reduced loss
+    assert _matches(single, both[0]), list(zip(single, both[0]))
+    # the broken variant (no gradient all-reduce) is caught by the same check
+    broken = _losses(tmp_path, tiny_base, tiny_tokens, 2, broken=True)
+    assert not _matches(single, broken[0]), list(zip(single, broken[0]))
+    worst = max(abs(a - b) / a for a, b in zip(single, both[0]))
+    print(f"loss {single[0]:.4f} -> {min(single):.4f}; 2 processes off by at most {worst:.2e} (relative); without "
+          f"the all-reduce by {max(abs(a - b) / a for a, b in zip(single, broken[0])):.2e}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- the launcher: signals reach every rank, the rerun resumes --------------------------------------------------
+
+RESUME_STEPS, EVERY = 12, 4
+
+
+def _start(tmp_path: Path, tiny_base: Path, tiny_tokens: Path, out: Path) -> subprocess.Popen:
+    """`tunelab train` of a 2-process DDP run as the rule starts it: it starts torchrun, which starts the ranks."""
+    study = tmp_path / "study.yaml"
+    if not study.exists():
+        study.write_text(study_text(
+            max_steps=RESUME_STEPS, checkpoint_every=EVERY, gradient_accumulation_steps=2, learning_rate=2e-3,
+            warmup_steps=2, eval_every=6, log_every=1, profile={"steps": 0},
+            lora={"r": 4, "alpha": 8, "dropout": 0.1},  # dropout: every rank's RNG must resume
+            distributed={"strategy": "ddp", "gpus": 2}))
+    command = [sys.executable, "-m", "tunelab.cli", "train", "--config", str(study), "--run", "r",
+               "--base", str(tiny_base), "--tokens", str(tiny_tokens / "tokens"), "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, stdout=open(f"{out}.log", "a"), stderr=subprocess.STDOUT, env=env)
+
+
+def _finish(tmp_path, tiny_base, tiny_tokens, out: Path) -> dict:
+    process = _start(tmp_path, tiny_base, tiny_tokens, out)
+    assert process.wait(timeout=600) == 0, Path(f"{out}.log").read_text()[-3000:]
+    return read_json(out / "train_metrics.json")
+
+
+def test_usr1_to_the_launcher_reaches_every_rank_and_the_rerun_resumes(tmp_path, tiny_base, tiny_tokens):
+    reference = _finish(tmp_path, tiny_base, tiny_tokens, tmp_path / "uninterrupted")
+    assert reference["processes"] == 2 and reference["gpus"] == 0 and reference["gpu_hours"] == 0
+
+    out = tmp_path / "interrupted"
+    process = _start(tmp_path, tiny_base, tiny_tokens, out)
+    deadline = time.monotonic() + 600
+    while f"r step {EVERY + 2}/{RESUME_STEPS} " not in Path(f"{out}.log").read_text():
+        assert process.poll() is None and time.monotonic() < deadline, Path(f"{out}.log").read_text()[-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGUSR1)  # to `tunelab train`, as SLURM's --signal=USR1 or a B:USR1 would
+    assert process.wait(timeout=300) != 0
+    log = Path(f"{out}.log").read_text()
+    stops = [line.split("stopped by SIGUSR1 after step ")[1].split("/")[0] for line in log.splitlines()
+             if "stopped by SIGUSR1 after step " in line]
+    assert len(stops) == 2 and stops[0] == stops[1], log[-3000:]  # both ranks, after the same step
+    stopped = int(stops[0])
+    assert (out / "checkpoints" / f"step-{stopped:08d}" / "manifest.json").is_file()
+    assert len(torch.load(out / "checkpoints" / f"step-{stopped:08d}" / "trainer.pt",
+                          weights_only=True)["rng_of_ranks"]) == 2
+    assert not (out / "train_metrics.json").exists()
+
+    metrics = _finish(tmp_path, tiny_base, tiny_tokens, out)
+    assert metrics["resumed_from_step"] == stopped
+    for curve in ("loss_curve", "validation_loss_curve"):
+        torch.testing.assert_close(torch.tensor(metrics[curve]), torch.tensor(reference[curve]), atol=1e-4, rtol=0)
+
+
+# --- the command lines: srun across nodes, one torchrun per node, rendezvous on the first host ------------------
+
+def test_multi_node_command_lines(tmp_path, monkeypatch):
+    distributed = DistributedConfig(gpus=4, nodes=2)
+    srun = launch.srun_command(distributed, ["--run", "r"], "4711", gpus=True)
+    assert srun[:8] == ["srun", "--jobid=4711", "--overlap", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
+                        "--kill-on-bad-exit=1", "--gpus-per-node=4"]
+    assert srun[-5:] == ["-m", "tunelab.cli", "train", "--run", "r"]
+    scontrol = tmp_path / "scontrol"  # the job's node list as SLURM expands it
+    scontrol.write_text("#!/bin/sh\n[ \"$1 $2 $3\" = 'show hostnames gpu[07-08]' ] && printf 'gpu07\\ngpu08\\n'\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    node = launch.slurm_node_command(distributed, {"SLURM_JOB_ID": "4711", "SLURM_JOB_NODELIST": "gpu[07-08]"})
+    text = " ".join(node)
+    assert "--nproc_per_node 4 --nnodes 2 --rdzv_backend c10d --rdzv_endpoint gpu07:30211 --rdzv_id tunelab-4711" in text
+    assert node[-2:] == ["-m", "tunelab.distributed.rank"]
+    with pytest.raises(TunelabError, match="needs 'SLURM_JOB_NODELIST'"):
+        launch.slurm_node_command(distributed, {"SLURM_JOB_ID": "4711"})
+    with pytest.raises(TunelabError, match="nodes 2 needs a SLURM job"):
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+        monkeypatch.delenv(launch.ROLE, raising=False)
+        launch.launch(distributed, [], gpus=False)
+
+
+def test_two_node_launchers_train_the_single_launcher_run(tmp_path, tiny_base, tiny_tokens):
+    """The per-node command lines as two gloo launchers on this machine (c10d rendezvous on 127.0.0.1) train
+    what one launcher of two processes trains."""
+    runs = {"one": {"strategy": "ddp", "gpus": 2}, "two": {"strategy": "ddp", "gpus": 1, "nodes": 2}}
+    study = {"name": "nodes", "data": {"source": "synthetic:300", "test_size": 8, "max_length": 96},
+             "models": {"tiny": {"source": "tiny"}},
+             "train": {"max_steps": 6, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "eval_every": 6,
+                       "profile": {"steps": 0}, "lora": {"dropout": 0.0}},
+             "runs": [{"name": name, "model": "tiny", "distributed": d} for name, d in runs.items()]}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+    def arguments(run):
+        return ["--config", str(tmp_path / "study.yaml"), "--run", run, "--base", str(tiny_base),
+                "--tokens", str(tiny_tokens / "tokens"), "--out", str(tmp_path / run)]
+
+    single = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", *arguments("one")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    config, port = load_study(tmp_path / "study.yaml").run("two").train.distributed, _free_port()
+    launchers = [subprocess.Popen(launch.node_command(config, port=port, rendezvous_id="test"),
+                                  env={**env, launch.TRAIN_ARGS: json.dumps(arguments("two"))},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for _ in range(config.nodes)]
+    outputs = [launcher.communicate(timeout=600)[0] for launcher in launchers]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], outputs[0][-3000:]
+    one, two = (read_json(tmp_path / run / "train_metrics.json") for run in ("one", "two"))
+    assert two["processes"] == 2 and two["nodes"] == 2
+    torch.testing.assert_close(torch.tensor(two["loss_curve"]), torch.tensor(one["loss_curve"]), atol=1e-5, rtol=0)
