@@ -69,13 +69,13 @@ def tokenizer_eos(base) -> int:
 
 
 
-MERGE_TOLERANCE = 2e-2  # largest |logit| difference a bf16 merge may add (bf16 keeps about 3 significant digits)
+MERGE_TOLERANCE = 1e-2  # largest |logit| difference a bf16 merge may add (bf16 keeps about 3 significant digits)
 
 
 @pytest.fixture(scope="module")
 def moved_adalora(tiny_base, tiny_tokens, tmp_path_factory):
     """An AdaLoRA run trained until its adapter moves the logits by far more than the merge tolerance."""
-    train = TrainConfig(method="adalora", max_steps=30, eval_every=30, micro_batch_size=8, learning_rate=2e-2,
+    train = TrainConfig(method="adalora", max_steps=30, eval_every=30, micro_batch_size=8, learning_rate=4e-2,
                         warmup_steps=0, lora={"dropout": 0.0}, profile={"steps": 0},
                         adalora={"init_r": 8, "target_r": 4, "tinit": 5, "tfinal": 5, "delta_t": 5})
     out = tmp_path_factory.mktemp("adalora-moved")
@@ -96,7 +96,7 @@ def test_adalora_merge_keeps_the_logits_of_an_adapter_that_moved_them(moved_adal
     and the same check fails a merge that drops the adapter."""
     import shutil
 
-    from peft import PeftModel
+    from peft.tuners.adalora import AdaLoraModel
 
     trained, tokenizer, _ = load_for_inference(moved_adalora / "model", None)
     expected = _logits(trained, tiny_tokens, tokenizer.pad_token_id)
@@ -112,7 +112,7 @@ def test_adalora_merge_keeps_the_logits_of_an_adapter_that_moved_them(moved_adal
 
     broken = tmp_path / "broken"
     shutil.copytree(moved_adalora, broken, ignore=shutil.ignore_patterns("merged"))
-    monkeypatch.setattr(PeftModel, "merge_and_unload", PeftModel.unload)  # the base back, the adapter dropped
+    monkeypatch.setattr(AdaLoraModel, "merge_and_unload", AdaLoraModel.unload)  # the base back, the adapter dropped
     broken_report = run_merge(broken, tiny_tokens / "tokens")
     dropped = AutoModelForCausalLM.from_pretrained(broken / "merged", dtype=torch.float32)
     assert float((expected - _logits(dropped, tiny_tokens, tokenizer.pad_token_id)).abs().max()) > MERGE_TOLERANCE

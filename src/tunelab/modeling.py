@@ -81,7 +81,7 @@ def load_model(path: str | Path, train: TrainConfig, *, for_training: bool):
     """Load a causal LM with the run's precision, attention and quantization, on the run's device."""
     if not str(path).startswith(("hf:",)) and not Path(path).exists():
         raise TunelabError(f"model path {str(path)!r} does not exist")
-    kwargs = {"dtype": weights_dtype(train), "attn_implementation": train.attention,
+    kwargs = {"dtype": weights_dtype(train, for_training=for_training), "attn_implementation": train.attention,
               "device_map": {"": str(device())}}  # also places pre-quantized (exported) models, which refuse .to()
     if train.quantization != "none":
         kwargs["quantization_config"] = quantization_config(train)
@@ -114,11 +114,12 @@ def autocast(train: TrainConfig, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=DTYPES[train.precision])
 
 
-def weights_dtype(train: TrainConfig) -> torch.dtype:
+def weights_dtype(train: TrainConfig, *, for_training: bool = False) -> torch.dtype:
     """Storage dtype of the base weights. Full fine-tuning in bf16/fp16 keeps fp32 master weights (unless
-    `master_weights: same`): a bf16 weight can't hold an update below 2^-8 of itself, so at lr 1e-5 most updates
-    would round away. Autocast computes in the precision; memory is that of fp32 weights, gradients and states."""
-    if train.method == "full" and train.master_weights == "fp32":
+    `master_weights: same`): a bf16 weight can't hold an update below 2^-9 of itself, so at lr 1e-5 most updates
+    would round away. Autocast computes in the precision; memory is that of fp32 weights, gradients and states.
+    Inference (merge, generate) loads in the precision itself."""
+    if for_training and train.method == "full" and train.master_weights == "fp32":
         return torch.float32
     return DTYPES[train.precision]
 
