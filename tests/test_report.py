@@ -55,7 +55,10 @@ def _study(root: Path, runs: list[str], memory_kind: str = "cuda") -> Path:
             "tokens_per_second": speed, "padding_fraction": 0.1, "wall_seconds": 10740.0,
             "final_validation_loss": 1.2, "loss_curve": [[1, 3.0], [2, 2.0]], "validation_loss_curve": [[2, 2.1]],
             "step_tokens_per_second": [[i, speed * f] for i, f in enumerate(steps[:, 0], 2)],
-            "step_peak_memory_gib": [[i, memory * f] for i, f in enumerate(steps[:, 1], 2)]})
+            "step_peak_memory_gib": [[i, memory * f] for i, f in enumerate(steps[:, 1], 2)],
+            "provenance": {"git_commit": "0123456789abcdef", "git_dirty": False,
+                           "versions": {"torch": "2.13.0", "peft": "0.21.2", "deepspeed": None},
+                           "container": {"APPTAINER_NAME": "train.sif"}}})
     return study
 
 
@@ -124,6 +127,14 @@ def test_headline_table_is_short_consistent_and_0_to_100(three_runs):
     assert float(good["exact match"].split()[0]) > 80  # a 0-100 scale, not 0-1
     assert "| run | add | copy |" in lines  # exact match per task family
     assert not re.search(r"\d[eE][+-]\d", "\n".join(lines))
+
+
+def test_footer_names_what_produced_the_results(three_runs):
+    """The commit, package versions and image recorded by training, in both pages' footer."""
+    for page in ("report.md", "report.html"):
+        footer = (three_runs / page).read_text().rsplit("Provenance.", 1)[1]
+        assert "commit: 0123456789ab" in footer and "torch 2.13.0" in footer and "peft 0.21.2" in footer
+        assert "APPTAINER_NAME=train.sif" in footer and "deepspeed" not in footer  # not installed: not listed
 
 
 def test_number_formatting_is_one_style():

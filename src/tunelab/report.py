@@ -50,10 +50,32 @@ def run_report(study: Study, runs_dir: Path, out: Path) -> list[dict]:
     for name, png in figures.items():
         with atomic_file(out / name) as tmp:
             tmp.write_bytes(png)
-    write_text(out / "report.md", markdown_page(study.name, rows, verdict, primary))
-    write_text(out / "report.html", html_page(study.name, rows, verdict, primary, figures, full_columns(rows)))
+    footer = provenance_footer(runs_dir, rows)
+    write_text(out / "report.md", markdown_page(study.name, rows, verdict, primary, footer))
+    write_text(out / "report.html", html_page(study.name, rows, verdict, primary, figures, full_columns(rows), footer))
     log.info("report of %d runs written to %s", len(rows), out)
     return rows
+
+
+def provenance_footer(runs_dir: Path, rows: list[dict]) -> str:
+    """What produced the results: the project's git commits, the package versions and container images of the
+    training runs (train_metrics.json's provenance), and the BERTScore model (scores.json)."""
+    found: dict[str, set[str]] = {"commit": set(), "packages": set(), "container": set(), "BERTScore model": set()}
+    for row in rows:
+        run_dir = runs_dir / row["run"]
+        if (run_dir / "train_metrics.json").is_file():
+            provenance = read_json(run_dir / "train_metrics.json").get("provenance") or {}
+            if provenance.get("git_commit"):
+                found["commit"].add(provenance["git_commit"][:12] + (" (with local changes)"
+                                                                     if provenance.get("git_dirty") else ""))
+            found["packages"].add(", ".join(f"{name} {version}" for name, version in
+                                            sorted((provenance.get("versions") or {}).items()) if version))
+            found["container"].update(f"{k}={v}" for k, v in (provenance.get("container") or {}).items())
+        model = read_json(run_dir / "scores.json").get("bertscore_model")
+        if model:
+            found["BERTScore model"].add(str(model))
+    parts = [f"{name}: {'; '.join(sorted(values))}" for name, values in found.items() if any(values)]
+    return "Provenance. " + ". ".join(parts or ["not recorded"]) + "."
 
 
 def collect(study: Study, runs_dir: Path) -> list[dict]:

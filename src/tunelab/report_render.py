@@ -87,13 +87,15 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in body)]
 
 
-def markdown_page(study: str, rows: list[dict], verdict: list[str], primary: str) -> str:
+def markdown_page(study: str, rows: list[dict], verdict: list[str], primary: str, footer: str = "") -> str:
     lines = [f"# Study {study}", "", *(f"- {line}" for line in verdict), "", *_markdown_table(*headline(rows, primary))]
     header, body = categories(rows)
     if header:
         lines += ["", "## Exact match per task family", "", *_markdown_table(header, body)]
     lines += ["", NOTES, ""]
     lines += [f"## {title}\n\n![{title}]({name})\n" for name, title in PLOTS.items()]
+    if footer:
+        lines += ["---", "", footer, ""]
     return "\n".join(lines)
 
 
@@ -104,7 +106,7 @@ def _html_table(header: list[str], body: list[list[str]], css: str = "") -> str:
 
 
 def html_page(study: str, rows: list[dict], verdict: list[str], primary: str, figures: dict[str, bytes],
-              columns: list[str]) -> str:
+              columns: list[str], footer: str = "") -> str:
     """One self-contained page: verdict, headline table, plots inlined as data URIs, the full table collapsed."""
     points = "".join(f"<li>{_bold(line)}</li>" for line in verdict)
     category_header, category_body = categories(rows)
@@ -125,7 +127,8 @@ def html_page(study: str, rows: list[dict], verdict: list[str], primary: str, fi
             f"<h1>Study {html.escape(study)}</h1><ul class='verdict'>{points}</ul>"
             f"{_html_table(*headline(rows, primary), 'headline')}{per_category}"
             f"<p class='notes'>{html.escape(NOTES)}</p>{images}"
-            f"<details><summary>All columns ({len(columns)})</summary>{full}</details></body></html>")
+            f"<details><summary>All columns ({len(columns)})</summary>{full}</details>"
+            f"<footer class='notes'>{html.escape(footer)}</footer></body></html>")
 
 
 def _bold(line: str) -> str:

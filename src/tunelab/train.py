@@ -170,8 +170,12 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
         if step > 1:  # the first step holds one-off allocation and kernel selection
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            counted["seconds"] += time.perf_counter() - step_started
+            step_seconds = time.perf_counter() - step_started
+            counted["seconds"] += step_seconds
             counted["tokens"] += step_real_tokens
+            # every step's speed (all ranks), so the report ranks speed only beyond the run's own spread
+            curves.setdefault("step_tokens_per_second", []).append(
+                [step, step_real_tokens * runtime.world_size / max(step_seconds, 1e-9)])
         counted["padded"] += sum(b["input_ids"].numel() for b in host_batches) - step_real_tokens
         curves["loss"].append([step, loss])
         curves["learning_rate"].append([step, scheduler.get_last_lr()[0]])
@@ -207,6 +211,7 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
     results = {
         "steps": train.max_steps, "loss_curve": curves["loss"], "validation_loss_curve": curves["validation_loss"],
         "learning_rate_curve": curves["learning_rate"], "final_loss": curves["loss"][-1][1],
+        "step_tokens_per_second": curves.get("step_tokens_per_second", []),
         "trainable_weights_dtype": str(params[0].dtype).removeprefix("torch."), **extra,
         "final_validation_loss": curves["validation_loss"][-1][1],
         "tokens_per_second": counted["tokens"] / max(counted["seconds"], 1e-9),
