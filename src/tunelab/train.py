@@ -124,7 +124,7 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
     penalty_weight = model.peft_config["default"].orth_reg_weight if adalora else 0.0
     if adalora:
         model.peft_config["default"].orth_reg_weight = 0.0
-    curves = {"loss": [], "validation_loss": [], "learning_rate": []}
+    curves = {"loss": [], "validation_loss": [], "learning_rate": [], "step_tokens_per_second": []}
     if adalora:
         curves["orthogonality_penalty"] = []
     counted = {"tokens": 0, "padded": 0, "seconds": 0.0}
@@ -174,7 +174,7 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
             counted["seconds"] += step_seconds
             counted["tokens"] += step_real_tokens
             # every step's speed (all ranks), so the report ranks speed only beyond the run's own spread
-            curves.setdefault("step_tokens_per_second", []).append(
+            curves["step_tokens_per_second"].append(
                 [step, step_real_tokens * runtime.world_size / max(step_seconds, 1e-9)])
         counted["padded"] += sum(b["input_ids"].numel() for b in host_batches) - step_real_tokens
         curves["loss"].append([step, loss])
@@ -211,7 +211,7 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
     results = {
         "steps": train.max_steps, "loss_curve": curves["loss"], "validation_loss_curve": curves["validation_loss"],
         "learning_rate_curve": curves["learning_rate"], "final_loss": curves["loss"][-1][1],
-        "step_tokens_per_second": curves.get("step_tokens_per_second", []),
+        "step_tokens_per_second": curves["step_tokens_per_second"],
         "trainable_weights_dtype": str(params[0].dtype).removeprefix("torch."), **extra,
         "final_validation_loss": curves["validation_loss"][-1][1],
         "tokens_per_second": counted["tokens"] / max(counted["seconds"], 1e-9),
