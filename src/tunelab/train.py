@@ -155,7 +155,7 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
         if penalty_weight:  # AdaLoRA: once per optimizer step, whatever the accumulation (the same on every rank)
             penalty = orthogonality_penalty(model)
             scaler.scale(penalty_weight * penalty).backward()
-            curves["orthogonality_penalty"].append([step, float(penalty)])
+            curves["orthogonality_penalty"].append([step, float(penalty.detach())])
         runtime.step(optimizer, scaler, params, train.max_grad_norm)
         loss = float(runtime.total(loss))
         # before zero_grad: it reads the step-1 gradients (which ZeRO keeps to itself)
