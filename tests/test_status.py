@@ -51,7 +51,7 @@ def results(tmp_path) -> Path:
             _write(runs / name / output, "{}")
     _write(runs / "tiny-full" / "train_metrics.json",
            json.dumps({"steps": 150, "final_loss": 0.5, "tokens_per_second": 900.0}))
-    _progress(runs / "tiny-lora", steps=40, seconds_per_step=0.5, age=1)  # running: 110 steps left at 0.5 s
+    _progress(runs / "tiny-lora", steps=40, seconds_per_step=0.5, age=1)  # running, at 0.5 s a step
     _mark_incomplete(tmp_path, "results/runs/tiny-lora/train_metrics.json")
     _progress(runs / "tiny-adalora", steps=20, seconds_per_step=0.5, age=3600)  # killed an hour ago
     _mark_incomplete(tmp_path, "results/runs/tiny-adalora/train_metrics.json")
@@ -61,20 +61,24 @@ def results(tmp_path) -> Path:
 
 
 def test_each_state_is_read_from_the_results(results):
-    rows = {r.name: r for r in study_status(load_study(STUDY), results)}
+    study = load_study(STUDY)
+    steps = study.run("tiny-lora").train.max_steps
+    rows = {r.name: r for r in study_status(study, results)}
     assert {n: (r.stage, r.state) for n, r in rows.items()} == {
         "base-tiny": ("score", "finished"), "tiny-full": ("score", "finished"),
-        "tiny-lora": ("train", "running"), "tiny-adalora": ("train", "failed"),
+        "tiny-lora": ("train", "running"), "tiny-qlora": ("train", "queued"), "tiny-adalora": ("train", "failed"),
+        **{f"{run}.merged": ("generate", "queued") for run in ("tiny-lora", "tiny-qlora", "tiny-adalora", "tiny-full")},
         "tiny-lora.nf4": ("export", "failed"), "tiny-lora.int8": ("export", "queued"),
         "tiny-lora.pruned_int8": ("export", "queued")}
     running = rows["tiny-lora"]
-    assert (running.step, running.max_steps, running.loss, running.tokens_per_second) == (40, 150, 2.6, 1234.0)
-    assert running.eta_seconds == pytest.approx(110 * 0.5, rel=0.01)
+    assert (running.step, running.max_steps, running.loss, running.tokens_per_second) == (40, steps, 2.6, 1234.0)
+    assert running.eta_seconds == pytest.approx((steps - 40) * 0.5, rel=0.01)
     assert rows["tiny-lora.nf4"].note == "RuntimeError: bitsandbytes could not quantize"
     assert "interrupted" in rows["tiny-adalora"].note
     assert rows["tiny-full"].loss == 0.5
     table = render(list(rows.values()))
-    assert "40/150" in table and "0m55s" in table and "RuntimeError: bitsandbytes" in table
+    eta = int((steps - 40) * 0.5)
+    assert f"40/{steps}" in table and f"{eta // 60}m{eta % 60:02d}s" in table and "RuntimeError: bitsandbytes" in table
 
 
 def test_progress_older_than_three_log_intervals_is_not_running(results):
@@ -92,5 +96,6 @@ def test_status_runs_with_the_core_install_only(results):
                "status", "--config", str(STUDY), "--results", str(results)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("tiny: 1 running, 2 queued, 2 finished, 2 failed")
-    assert "tiny-lora " in result.stdout and "40/150" in result.stdout
+    assert result.stdout.startswith("tiny: 1 running, 7 queued, 2 finished, 2 failed")
+    steps = load_study(STUDY).run("tiny-lora").train.max_steps
+    assert "tiny-lora " in result.stdout and f"40/{steps}" in result.stdout

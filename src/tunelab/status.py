@@ -55,6 +55,7 @@ def _pipelines(study: Study) -> dict[str, list[str]]:
     """Each row of the report and the stages that produce it, in order."""
     pipelines = {name: ["generate", "score"] for name in study.reference_runs}
     pipelines.update({run.name: ["train", "generate", "score"] for run in study.runs})
+    pipelines.update({name: ["generate", "score"] for name in study.merged_runs})  # merged by its run's merge job
     pipelines.update({name: ["export", "generate", "score"] for name in study.export_runs})
     return pipelines
 
