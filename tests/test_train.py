@@ -224,7 +224,7 @@ def test_adalora_records_cross_entropy_and_its_penalty_apart(tiny_base, tiny_tok
 def test_test_loss_runs_in_chunks_within_the_logits_budget(tiny_base, tiny_tokens):
     """A batch whose logits would exceed the budget runs a few rows at a time; the loss is still the one
     cross-entropy per label token over all examples (not a mean of chunk means)."""
-    examples = read_jsonl(tiny_tokens / "tokens" / "validation.jsonl")[:10]
+    examples = read_jsonl(tiny_tokens / "tokens" / "train.jsonl")[:10]  # the validation split holds 2
     pad = modeling.load_tokenizer(tiny_base).pad_token_id
     model = model_for(tiny_base, settings(method="full")).eval()
     batch = collate(examples, pad)
