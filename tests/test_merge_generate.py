@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 from tunelab.artifacts import read_json, read_jsonl
 from tunelab.batches import collate
 from tunelab.config import GenerationConfig, Run, TrainConfig
-from tunelab.generate import load_for_inference, run_generate
+from tunelab.generate import run_generate
+from tunelab.generation import load_for_inference
 from tunelab.merge import run_merge
 from tunelab.train import run_train
 

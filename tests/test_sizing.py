@@ -11,7 +11,7 @@ import yaml
 from conftest import run_snakemake
 from tunelab.sizing import decoder_parameters, parameter_count
 
-SMOLLM2_PARAMETERS = 134_515_008  # transformers' count of the loaded model (../shared/notes/real-model.md)
+SMOLLM2_PARAMETERS = 134_515_008  # transformers' count of the loaded SmolLM2-135M-Instruct
 # Qwen2.5-1.5B-Instruct's config.json (its sizes; 1,543,714,304 parameters in its model card's 1.54B)
 QWEN_1_5B = {"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
              "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}

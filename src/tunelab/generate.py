@@ -19,10 +19,9 @@ from tqdm import tqdm
 from tunelab.artifacts import invalidate, read_jsonl, write_json, write_jsonl
 from tunelab.batches import mean_loss
 from tunelab.config import GenerationConfig
-from tunelab.generation import Engine, load_for_inference, measure_latency
+from tunelab.generation import Engine, measure_latency
 
 log = logging.getLogger(__name__)
-__all__ = ["answer_records", "generate_answers", "load_for_inference", "run_generate"]  # merge.py imports load_for_inference from here
 RECORD_FIELDS = ("instruction", "input", "output")
 
 

@@ -22,7 +22,7 @@ from tunelab import modeling
 from tunelab.artifacts import atomic_dir, invalidate, read_json, read_jsonl, write_json
 from tunelab.batches import collate
 from tunelab.config import MergeConfig, TrainConfig
-from tunelab.generate import load_for_inference
+from tunelab.generation import load_for_inference
 
 log = logging.getLogger(__name__)
 PARITY_EXAMPLES = 8
