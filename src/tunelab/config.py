@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -26,6 +27,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 Optimizer = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]
 Kernels = Literal["auto", "liger", "none"]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
+PASSWORD_IN_URL = re.compile(r"(://[^/@\s]*?:)[^/@\s]*@")  # scheme://user:<password>@host
 HUB_SOURCE = re.compile(r"hf:[\w.-]+(/[\w.-]+)?(@[\w./-]+)?")  # hf:<id>[@<revision>] (tunelab.hub reads it)
 
 
@@ -114,6 +116,29 @@ class ProfileConfig(Frozen):
     steps: int = Field(2, ge=0, description="profiled steps; 0 turns the profiler off")
 
 
+class WandbConfig(Frozen):
+    """Weights & Biases (`tracking: [wandb]`): offline runs in results/runs/<run>/wandb/, uploaded by `wandb sync`."""
+
+    project: str = Field("tunelab", min_length=1, description="W&B project the runs are recorded in (and synced to)")
+
+
+class MlflowConfig(Frozen):
+    """MLflow (`tracking: [mlflow]`): a file store in the run's results folder, or a tracking URI."""
+
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (file:, http(s):, databricks, ...); unset: results/runs/<run>/mlruns")
+    experiment: str = Field("tunelab", min_length=1, description="MLflow experiment the runs are recorded in")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        # a URI is logged and written to results; the credentials stay in the environment, read by mlflow itself
+        if uri and urllib.parse.urlsplit(uri).password is not None:
+            raise ValueError("a tracking URI must not hold a password: remove user:password@ and set "
+                             "MLFLOW_TRACKING_TOKEN (or MLFLOW_TRACKING_USERNAME/PASSWORD) in the environment")
+        return uri
+
+
 class DistributedConfig(Frozen):
     """Data-parallel training over several GPUs and nodes, one process per GPU (src/tunelab/distributed/)."""
 
@@ -178,8 +203,10 @@ class TrainConfig(Frozen):
     checkpoint_keep: int = Field(2, gt=0, description="newest checkpoints kept under results/runs/<run>/checkpoints")
     seed: int = 0
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
-    tracking: list[Literal["dvclive", "tensorboard"]] = Field(
+    tracking: list[Literal["dvclive", "tensorboard", "wandb", "mlflow"]] = Field(
         ["dvclive"], description="experiment trackers each run logs to, under results/runs/<run>/ (none: [])")
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="settings of the wandb tracker")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="settings of the mlflow tracker")
     kernels: Kernels = Field("auto", description="fast training path: liger (Liger-Kernel fused loss, RMSNorm and "
                                                  "SwiGLU, fused LoRA, bf16 frozen weights; CUDA only), none, or auto "
                                                  "(liger on CUDA, none elsewhere); see tunelab.kernels")
@@ -228,7 +255,7 @@ class TrainConfig(Frozen):
 
 
 # TrainConfig fields that change how a run is logged and checkpointed, never its result
-BOOKKEEPING = frozenset({"checkpoint_every", "checkpoint_keep", "log_every", "tracking"})
+BOOKKEEPING = frozenset({"checkpoint_every", "checkpoint_keep", "log_every", "tracking", "wandb", "mlflow"})
 
 
 class GenerationConfig(Frozen):
@@ -448,7 +475,8 @@ def _describe(path: Path, err: ValidationError, prefix: str = "") -> str:
             allowed = _allowed_keys(err.title, problem["loc"][:-1])
             lines.append(f"{path}: {where}: unknown key (allowed: {', '.join(allowed)})")
         else:
-            lines.append(f"{path}: {where}: {problem['msg']} (got {problem.get('input')!r})")
+            got = PASSWORD_IN_URL.sub(r"\1***@", repr(problem.get("input")))  # an error is printed and logged
+            lines.append(f"{path}: {where}: {problem['msg']} (got {got})")
     return "\n".join(lines)
 
 
@@ -470,6 +498,9 @@ RUNTIME_NEEDS = (  # (package, which runs need it, what for, how to get it)
      "pip install flash-attn --no-build-isolation on a CUDA machine, or use attention: sdpa"),
     ("bitsandbytes", lambda t: t.quantization != "none" or t.optimizer != "adamw_torch",
      "nf4/int8 quantization or an 8-bit optimizer", "pip install bitsandbytes"),
+    ("tensorboard", lambda t: "tensorboard" in t.tracking, "tracking tensorboard", "pip install -e .[tensorboard]"),
+    ("wandb", lambda t: "wandb" in t.tracking, "tracking wandb", "pip install -e .[wandb]"),
+    ("mlflow", lambda t: "mlflow" in t.tracking, "tracking mlflow", "pip install -e .[mlflow]"),
 )
 
 

@@ -6,7 +6,13 @@ Each tracker's package is imported only when a run chooses it. Tracking settings
                (one row per step). Offline: no DVC experiment and no dvc.yaml of its own (save_dvc_exp=False,
                dvcyaml=None), so concurrent jobs never touch the repository; the study's dvc.yaml declares the files.
   tensorboard  `results/runs/<run>/tensorboard/`: event files (`tensorboard --logdir results/runs`).
-A resumed run continues the same step axis: rows the killed attempt logged after its checkpoint are dropped first.
+  wandb        `results/runs/<run>/wandb/offline-run-*/`: offline W&B runs, no account; `wandb sync` uploads them.
+  mlflow       an MLflow file store `results/runs/<run>/mlruns/`, or `train.mlflow.tracking_uri`; the run's id is
+               kept in `results/runs/<run>/mlflow.json`.
+A resumed run continues the same step axis: rows the killed attempt logged after its checkpoint are dropped first
+(TensorBoard hides them; a resumed W&B run rewinds to the checkpoint's step when synced; a store at another URI
+than `file:` keeps them, as MLflow's metric history is append-only). Credentials (WANDB_API_KEY,
+MLFLOW_TRACKING_TOKEN) are read by the trackers' own libraries from the environment, never by tunelab.
 """
 
 from __future__ import annotations
@@ -17,9 +23,13 @@ import json
 import logging
 import os
 import subprocess
+import time
+import urllib.parse
 from pathlib import Path
 
 import torch
+
+from tunelab.artifacts import read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "kernels", "liger-kernel",
@@ -126,4 +136,98 @@ class _TensorBoard:
         self.writer.close()
 
 
-TRACKERS = {"dvclive": _DVCLive, "tensorboard": _TensorBoard}
+class _Wandb:
+    def __init__(self, out: Path, run: str, params: dict, first_step: int):
+        import wandb
+
+        previous = sorted(out.glob("wandb/offline-run-*/run-*.wandb"))
+        resume = first_step > 1 and bool(previous)
+        self.run = wandb.init(
+            mode="offline", dir=out, project=params["wandb"]["project"], name=run, config={"run": run, **params},
+            reinit="finish_previous",  # a run left open in this process (a failed attempt) is closed first
+            # each attempt is one offline run; a resumed one rewinds the W&B run to its checkpoint when synced
+            resume_from=f"{previous[-1].stem.removeprefix('run-')}?_step={first_step - 1}" if resume else None,
+            settings=wandb.Settings(console="off", disable_git=True, save_code=False, x_disable_stats=True, quiet=True))
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log({f"train/{name}": value for name, value in metrics.items()}, step=step)
+
+    def finish(self, final: dict[str, float]) -> None:
+        self.run.summary.update(final)
+        self.run.finish()
+
+
+class _Mlflow:
+    def __init__(self, out: Path, run: str, params: dict, first_step: int):
+        settings = params["mlflow"]
+        uri = settings["tracking_uri"] or (out / "mlruns").resolve().as_uri()
+        if uri.startswith("file:"):  # MLflow 3.7+ opens its file store (plain files, one folder per run) on request
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric, Param
+
+        self.client, self.Metric, self.step = MlflowClient(tracking_uri=uri), Metric, first_step
+        self.record = out / "mlflow.json"
+        self.run_id = self._resumed(first_step, uri) or self._created(settings["experiment"], run)
+        write_json(self.record, {"run_id": self.run_id})
+        logged = self.client.get_run(self.run_id).data.params
+        # a param can't change in MLflow: a resumed run keeps the first attempt's (only bookkeeping may differ)
+        new = [Param(key, value) for key, value in _flat({"run": run, **params}).items() if key not in logged]
+        for start in range(0, len(new), 100):  # MLflow's largest batch of params
+            self.client.log_batch(self.run_id, params=new[start:start + 100])
+
+    def _created(self, experiment: str, run: str) -> str:
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                experiment_id = self.client.create_experiment(experiment)
+            except MlflowException:  # another run's job created it first
+                experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+        else:
+            experiment_id = found.experiment_id
+        return self.client.create_run(experiment_id, run_name=run, tags={"tunelab.run": run}).info.run_id
+
+    def _resumed(self, first_step: int, uri: str) -> str | None:
+        """The MLflow run of the killed attempt, its history from `first_step` on dropped (in a file store), or None."""
+        if first_step == 1 or not self.record.is_file():
+            return None
+        from mlflow.exceptions import MlflowException
+
+        run_id = read_json(self.record)["run_id"]
+        try:
+            info = self.client.get_run(run_id).info
+        except MlflowException:
+            return None
+        if uri.startswith("file:"):
+            store = Path(urllib.parse.unquote(urllib.parse.urlsplit(uri).path))
+            for history in (p for p in (store / info.experiment_id / run_id / "metrics").rglob("*") if p.is_file()):
+                lines = history.read_text().splitlines(keepends=True)  # "<timestamp ms> <value> <step>"
+                write_text(history, "".join(line for line in lines if int(line.split()[2]) < first_step))
+        return run_id
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.step, now = step, int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[self.Metric(f"train/{name}", value, now, step)
+                                                    for name, value in metrics.items()])
+
+    def finish(self, final: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[self.Metric(name, value, now, self.step)
+                                                    for name, value in final.items()])
+        self.client.set_terminated(self.run_id)
+
+
+def _flat(params: dict, prefix: str = "") -> dict[str, str]:
+    """Nested params as MLflow's flat strings: {"lora": {"r": 16}} -> {"lora.r": "16"}."""
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
+
+
+TRACKERS = {"dvclive": _DVCLive, "tensorboard": _TensorBoard, "wandb": _Wandb, "mlflow": _Mlflow}
