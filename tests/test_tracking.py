@@ -76,8 +76,8 @@ def wandb_run(out) -> dict:
                     assert record.run.branch_point.metric == "_step"
                     run["history"] = {s: row for s, row in run["history"].items() if s <= record.run.branch_point.value}
                 run["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
-            elif kind == "history":
-                run["history"][record.history.step.num] = {
+            elif kind == "history" and record.history.step.num > max(run["history"], default=0):  # W&B drops
+                run["history"][record.history.step.num] = {  # a step not after the run's last one
                     i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
             elif kind == "summary":
                 run["summary"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json)
