@@ -66,19 +66,23 @@ def wandb_run(out) -> dict:
     history, each resumed attempt rewinding the history to its `resume_from` step first."""
     files = sorted(out.glob("wandb/offline-run-*/run-*.wandb"))
     assert files, "an offline W&B run was written"
-    run = {"ids": set(), "config": {}, "summary": {}, "history": {}}
+    run = {"ids": set(), "config": {}, "summary": {}, "history": {}, "attempts": []}
     for path in files:
         for record in wandb_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 run["ids"].add(record.run.run_id)
-                if record.run.HasField("branch_point"):
+                rewind = record.run.branch_point.value if record.run.HasField("branch_point") else None
+                if rewind is not None:
                     assert record.run.branch_point.metric == "_step"
-                    run["history"] = {s: row for s, row in run["history"].items() if s <= record.run.branch_point.value}
+                    run["history"] = {s: row for s, row in run["history"].items() if s <= rewind}
+                run["attempts"].append({"rewind_to": rewind, "steps": []})
                 run["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
-            elif kind == "history" and record.history.step.num > max(run["history"], default=0):  # W&B drops
-                run["history"][record.history.step.num] = {  # a step not after the run's last one
-                    i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            elif kind == "history":
+                run["attempts"][-1]["steps"].append(record.history.step.num)
+                if record.history.step.num > max(run["history"], default=0):  # W&B drops a step not after the last
+                    run["history"][record.history.step.num] = {
+                        i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
             elif kind == "summary":
                 run["summary"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json)
                                        for i in record.summary.update})
@@ -178,7 +182,9 @@ def test_a_resumed_run_continues_the_same_step_axis(tiny_base, tiny_tokens, tmp_
     expected = [(step, pytest.approx(loss, rel=1e-6)) for step, loss in metrics["loss_curve"]]
     assert dvclive_table(tmp_path, "loss") == expected
     assert tensorboard_scalars(tmp_path, "train/loss") == expected
-    assert len(list(tmp_path.glob("wandb/offline-run-*"))) == 2 and len(wandb_run(tmp_path)["ids"]) == 1
+    wandb = wandb_run(tmp_path)  # one W&B run; the resumed attempt rewinds it to the checkpoint's step
+    assert len(wandb["ids"]) == 1
+    assert wandb["attempts"] == [{"rewind_to": None, "steps": [1, 2, 3, 4, 5]}, {"rewind_to": 3, "steps": [4, 5, 6]}]
     assert wandb_series(tmp_path, "train/loss") == expected
     assert mlflow_series(store, tmp_path, "train/loss") == expected
     assert not (tmp_path / "mlruns").exists(), "the configured store, not the run's folder"
