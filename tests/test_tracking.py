@@ -277,3 +277,19 @@ def test_dvc_shows_each_runs_final_loss_and_loss_series(tiny_study, tmp_path):
 
     diff = json.loads(sh("dvc plots diff HEAD --json 2>/dev/null", tmp_path))["data"]["tiny_training_loss"][0]
     assert set(diff["revisions"]) == {"HEAD", "workspace"}
+
+
+def test_a_tracker_that_is_not_installed_is_one_clear_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    from tunelab.config import check_runtime
+
+    study = yaml.safe_load((REPO / "studies" / "tiny.yaml").read_text())
+    study["runs"][1]["tracking"] = ["dvclive", "mlflow"]
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    check_runtime(load_study(tmp_path / "study.yaml"))  # installed here (the mlflow extra)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(TunelabError, match=r"runs tiny-qlora need tracking mlflow, but mlflow is not installed "
+                                           r"\(pip install -e \.\[mlflow\]\)"):
+        check_runtime(load_study(tmp_path / "study.yaml"))
