@@ -4,11 +4,15 @@ from a `…B` in its name); a model whose config is not readable here falls back
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import yaml
 
-from conftest import run_snakemake
+from conftest import REPO, run_snakemake
+from hub_standin import HubStandIn
 from tunelab.sizing import decoder_parameters, parameter_count
 
 SMOLLM2_PARAMETERS = 134_515_008  # transformers' count of the loaded SmolLM2-135M-Instruct
@@ -30,6 +34,34 @@ def test_hub_models_without_a_readable_config_fall_back_to_their_name(monkeypatc
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     count, why = parameter_count("hf:tunelab-test/not-cached-7B")
     assert count is None and "not in the Hugging Face cache and HF_HUB_OFFLINE is set" in why
+
+
+def test_a_pinned_hub_model_is_sized_from_its_revisions_config(tmp_path):
+    """`hf:<id>@<commit>` reads config.json at that commit (from the Hub stand-in, then from the cache it filled),
+    not at main: here the pinned commit is the 1.5B model and main a larger one."""
+    pinned, main = "1" * 40, "2" * 40
+    larger = {**QWEN_1_5B, "num_hidden_layers": 56}
+    server = HubStandIn({("models", "org/sized"): {"refs": {"main": main}, "commits": {
+        pinned: {"config.json": json.dumps(QWEN_1_5B).encode()}, main: {"config.json": json.dumps(larger).encode()}}}})
+    env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0",
+           "PYTHONPATH": str(REPO / "src")}
+
+    def count(source: str, **changes) -> list:
+        code = f"import json, tunelab.sizing as s; print(json.dumps(s.parameter_count({source!r})))"
+        result = subprocess.run([sys.executable, "-c", code], env={**env, **changes}, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout.splitlines()[-1])
+
+    try:
+        assert count(f"hf:org/sized@{pinned}") == [1_543_714_304, f"config.json of org/sized@{pinned} on the Hub"]
+        assert ("models", "org/sized", pinned) in server.requests and not any(
+            revision == "main" for _, _, revision in server.requests), "only the pinned commit was asked for"
+        assert count("hf:org/sized")[0] == decoder_parameters(larger) != 1_543_714_304
+    finally:
+        server.close()
+    assert count(f"hf:org/sized@{pinned}", HF_HUB_OFFLINE="1") == [
+        1_543_714_304, f"the cached config.json of org/sized@{pinned}"]
 
 
 def test_a_run_asks_for_the_resources_of_its_models_size(tmp_path):

