@@ -12,10 +12,13 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import subprocess
+import sys
+
+import yaml
 
 from conftest import REPO
 
-from tunelab.config import Run, TrainConfig
 from tunelab.tracking import CONTAINER_VARIABLES
 
 TOKENS = {name: os.environ.setdefault(name, prefix + secrets.token_hex(16)) for name, prefix in (
@@ -33,22 +36,31 @@ def test_tokens_are_written_nowhere(tiny_study):
     assert not leaks, f"a token was written: {leaks}"
 
 
-def test_tracker_tokens_are_written_nowhere(tiny_base, tiny_tokens, tmp_path, monkeypatch, capfd):
-    from tunelab.train import run_train
-
-    home = tmp_path / "home"  # where W&B keeps its service's logs and settings (~/.cache/wandb, ~/.config/wandb)
-    for name, folder in (("HOME", ""), ("XDG_CACHE_HOME", ".cache"), ("XDG_CONFIG_HOME", ".config")):
-        (home / folder).mkdir(parents=True, exist_ok=True)
-        monkeypatch.setenv(name, str(home / folder))
-    assert all(os.environ[name] == token for name, token in TOKENS.items())
-    train = TrainConfig(max_steps=2, eval_every=2, micro_batch_size=4, profile={"steps": 0},
-                        tracking=["dvclive", "tensorboard", "wandb", "mlflow"])
-    run_train(Run(name="tracked", model="tiny", train=train), tiny_base, tiny_tokens / "tokens", tmp_path / "run")
+def test_tracker_tokens_are_written_nowhere(tiny_base, tiny_tokens, tmp_path):
+    """`tunelab train` of a run logging to every tracker, as the train rule runs it, in a fresh process whose home
+    directory is searched too (W&B's service keeps its logs and settings in ~/.cache/wandb and ~/.config/wandb)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    study = {"name": "secrets", "data": {"source": "synthetic:60", "test_size": 5},
+             "models": {"tiny": {"source": "tiny"}},
+             "train": {"max_steps": 2, "eval_every": 2, "micro_batch_size": 4, "profile": {"steps": 0},
+                       "tracking": ["dvclive", "tensorboard", "wandb", "mlflow"]},
+             "runs": [{"name": "tracked", "model": "tiny"}]}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    env = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"),
+           "XDG_CONFIG_HOME": str(home / ".config"), "PYTHONPATH": str(REPO / "src")}
+    env.pop("WANDB_SERVICE", None)  # the address of a W&B service this pytest started: the job starts its own
+    assert all(env[name] == token for name, token in TOKENS.items())
+    trained = subprocess.run(
+        [sys.executable, "-m", "tunelab.cli", "train", "--config", str(tmp_path / "study.yaml"), "--run", "tracked",
+         "--base", str(tiny_base), "--tokens", str(tiny_tokens / "tokens"), "--out", str(tmp_path / "run")],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     written = {folder: [p for p in files if folder in p.parts] for folder in ("wandb", "mlruns", "dvclive")}
     assert all(written.values()), f"every tracker wrote: {written}"
     assert list(home.rglob("core-debug-*.log")), "the W&B service's own log is searched too"
-    output = "".join(capfd.readouterr())
+    output = trained.stdout + trained.stderr
     assert "wandb" in output, "the trackers' console output is searched too"
     leaks = [f"{name} in {p.relative_to(tmp_path)}" for p in files for name, token in TOKENS.items()
              if token.encode() in p.read_bytes()] + [f"{name} in the output" for name, token in TOKENS.items()
