@@ -1,4 +1,4 @@
-"""Experiment tracking of one training run: DVCLive by default, TensorBoard on request (`train.tracking`).
+"""Experiment tracking of one training run (`train.tracking`): DVCLive by default; TensorBoard, W&B, MLflow on request.
 
 Each tracker's package is imported only when a run chooses it. Tracking settings are bookkeeping
 (`config.BOOKKEEPING`): changing them reruns no training. Only the main process of a distributed run logs.
