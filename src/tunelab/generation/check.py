@@ -64,7 +64,6 @@ def equivalence(model, decoder: StaticDecoder, prompts: list[list[int]], new_tok
         reference = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                                    output_logits=True, return_dict_in_generate=True)
         ref_tokens = reference.sequences[:, ids.shape[1]:]
-        logits_dtype = reference.logits[0].dtype
         ref_logits = torch.stack([step.float() for step in reference.logits], 1)  # [batch, steps, vocab]
         largest = max(largest, float(ref_logits.abs().max()))
         free = decoder.generate(ids, mask, new_tokens, pad_id=pad_id).tokens
@@ -80,7 +79,7 @@ def equivalence(model, decoder: StaticDecoder, prompts: list[list[int]], new_tok
               "top1_agreement": agree / positions, "greedy_identical": identical / len(prompts),
               "reference_top1_probability": float(torch.cat(confidence).mean()),
               "largest_abs_logit": largest}
-    if logits_dtype == torch.bfloat16:  # bf16's spacing at the largest logit: 8 significant bits
+    if next(model.parameters()).dtype == torch.bfloat16:  # bf16's spacing at the largest logit: 8 significant bits
         result["bf16_spacing"] = 2.0 ** (math.floor(math.log2(largest)) - 7)
     result["passed"] = _passed(result, LOGIT_TOLERANCE)
     result["passed_within_rounding"] = _passed(result, max(LOGIT_TOLERANCE, result.get("bf16_spacing", 0.0)))

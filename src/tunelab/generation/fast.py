@@ -33,16 +33,26 @@ class Decoded:
     logits: list[torch.Tensor] | None = None  # per step [batch, vocab] (float32), with keep_logits
 
 
-def unsupported(model, config) -> str | None:
-    """Why the static path cannot stand in for `generate` with this model and config (None: it can)."""
-    if getattr(config, "do_sample", False):
-        return "sampling (do_sample)"
-    if getattr(config, "num_beams", 1) not in (None, 1):
-        return "beam search"
-    if (getattr(config, "repetition_penalty", None) or 1.0) != 1.0:
-        return "repetition_penalty"
+# generation settings that change which token greedy decoding picks, with their values that change nothing
+CHOICE_SETTINGS = {"do_sample": (None, False), "num_beams": (None, 1), "repetition_penalty": (None, 1.0),
+                   "min_new_tokens": (None, 0), "min_length": (None, 0), "no_repeat_ngram_size": (None, 0),
+                   "bad_words_ids": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+                   "sequence_bias": (None,), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+                   "encoder_repetition_penalty": (None, 1.0), "diversity_penalty": (None, 0.0)}
+
+
+def unsupported_model(model) -> str | None:
+    """Why the static path cannot run this model (None: it can)."""
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         return "a bitsandbytes-quantized model"
+    return None
+
+
+def unsupported_config(config) -> str | None:
+    """The first generation setting that the static path (plain greedy choice) does not apply (None: none)."""
+    for key, neutral in CHOICE_SETTINGS.items():
+        if getattr(config, key, None) not in neutral:
+            return f"{key}={getattr(config, key)!r}"
     return None
 
 
