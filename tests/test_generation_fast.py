@@ -71,7 +71,7 @@ def test_engine_selects_the_path_and_static_answers_equal_generates(tiny_engine_
 
     def engine(**settings):
         return Engine(model, tokenizer, contextlib.nullcontext, GenerationConfig(max_new_tokens=10, do_sample=False,
-                                                                                  **settings))
+                                                                                  batch_size=3, **settings))
     plain, static, auto = engine(engine="generate"), engine(engine="static"), engine()
     assert (plain.decoding_path(), static.decoding_path(), auto.decoding_path()) == ("generate", "static", "generate")
     assert static.effective_settings()["decoding"] == "static"
@@ -84,3 +84,5 @@ def test_engine_selects_the_path_and_static_answers_equal_generates(tiny_engine_
     plain, static = engine(engine="generate"), engine(engine="static")
     ours, theirs = static.generate(prompts), plain.generate(prompts)
     assert ours == theirs and ours[1].finish_reason == "stop" and len(ours[1].token_ids) <= 4
+    assert static.generate(prompts[:2]) == theirs[:2]  # a short batch, filled up to the batch size and cut back
+    assert {rows for rows, _ in static.decoder._caches} == {3}  # one batch shape: one compiled step on a GPU

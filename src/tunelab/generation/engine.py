@@ -133,15 +133,19 @@ class Engine:
                  max_new_tokens: list[int] | None = None, streamer: StepStreamer | None = None) -> list[Completion]:
         """One left-padded batch: an answer per prompt. `max_new_tokens` caps rows below the batch's limit."""
         config = config or self.config
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        static = streamer is None and self.decoding_path(config) != "generate"
+        # a short last batch is filled up with copies of its last prompt, so that the static path's compiled step
+        # sees the study's batch size again instead of compiling for a new one
+        filled = prompts + prompts[-1:] * (self.settings.batch_size - len(prompts)) if static else prompts
+        batch = self.tokenizer(filled, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         if config.do_sample:
             torch.manual_seed(self.settings.seed if seed is None else seed)
         with self.autocast():
-            if streamer is None and self.decoding_path(config) != "generate":
+            if static:
                 stops = config.eos_token_id if isinstance(config.eos_token_id, list) else [
                     i for i in [config.eos_token_id] if i is not None]
                 new = self.decoder.generate(batch["input_ids"], batch["attention_mask"], config.max_new_tokens,
-                                            stop_ids=stops, pad_id=config.pad_token_id or 0).tokens
+                                            stop_ids=stops, pad_id=config.pad_token_id or 0).tokens[:len(prompts)]
             else:
                 output = self.model.generate(**batch, generation_config=config, streamer=streamer)
                 new = output[:, batch["input_ids"].shape[1]:]
