@@ -86,3 +86,17 @@ def test_engine_selects_the_path_and_static_answers_equal_generates(tiny_engine_
     assert ours == theirs and ours[1].finish_reason == "stop" and len(ours[1].token_ids) <= 4
     assert static.generate(prompts[:2]) == theirs[:2]  # a short batch, filled up to the batch size and cut back
     assert {rows for rows, _ in static.decoder._caches} == {3}  # one batch shape: one compiled step on a GPU
+
+
+def test_static_path_runs_a_lora_adapter_as_generate_does(confident):
+    """A run's adapter on its base (how the generate stage loads a LoRA run): same check, non-zero adapter."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(copy.deepcopy(confident), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                                init_lora_weights=False)).eval()
+    prompts = chain_prompts(TINY["vocab_size"], 16, 4, 16, seed=5)
+    result = equivalence(model, StaticDecoder(model, compiled=False), prompts, 12, batch_size=8)
+    assert result["passed"] and result["max_abs_logit_difference"] < 1e-3, result
