@@ -1,5 +1,6 @@
 """Generate BENCHMARKS.md's tables from benchmarks/results.jsonl (and the fast path's checks from
-benchmarks/checks.jsonl): one table per GPU-machine call, ratios only between rows of that call with equal
+benchmarks/checks.jsonl; generation rows, `task: generation`, and their checks from
+benchmarks/generation_checks.jsonl in tables of their own): one table per GPU-machine call, ratios only between rows of that call with equal
 model, method, quantization, GPUs, batch and sequence length. Nothing in the generated section is typed by hand.
 
 Run: `python benchmarks/render.py` (rewrites the section between the markers of BENCHMARKS.md in place;
@@ -71,6 +72,48 @@ def _percent(value: float | None) -> str:
     return "–" if value is None else f"{value:.1%}"
 
 
+def generation_tables(rows: list[dict]) -> str:
+    """Evaluation generation (issue 12): tokens/s of each side per call, model and batch, and the ratio to the
+    plain side (transformers' default `generate`) of the same call, model and batch."""
+    by_call: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_call[row["call"]].append(row)
+    parts = []
+    for call, members in by_call.items():
+        first = members[0]
+        parts += [f"### Call `{call}`: {first['card']}, {first['date']}, tunelab commit {first.get('commit') or '?'}", "",
+                  "| model | batch | prompt + new tokens | side | decoding | tok/s (median) | range | repeats "
+                  "| new tokens min–max | peak GiB | first call (s) | ÷ plain |",
+                  "|---|---:|---|---|---|---:|---|---:|---|---:|---:|---:|"]
+        for row in members:
+            plain = next((r for r in members if r["side"] == "plain" and r["model"] == row["model"]
+                          and r["batch"] == row["batch"] and r["new_tokens"] == row["new_tokens"]), None)
+            ratio = "" if plain is None or plain is row else f"{row['tok_s'] / plain['tok_s']:.2f}×"
+            parts.append(f"| {row['model']} | {row['batch']} | {row['seq']} + {row['new_tokens']} | {row['side']} "
+                         f"| {row['engine']} | {row['tok_s']:,.0f} | {row['tok_s_range'][0]:,.0f}–"
+                         f"{row['tok_s_range'][1]:,.0f} | {row['repeats']} | {row['new_tokens_min']}–"
+                         f"{row['new_tokens_max']} | {row['peak_gib']:.2f} | {row['one_time']['first_call_s']:.1f} "
+                         f"| {ratio} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def generation_check_table(checks: list[dict]) -> str:
+    lines = ["| call | dtype | path | max \\|Δlogit\\| | bf16 spacing | prompts within 0.1 | top-1 agreement "
+             "| greedy identical | reference top-1 prob. | passed (strict) | passed (within rounding) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for check in checks:
+        for dtype, case in check["cases"].items():
+            for path, result in case.items():
+                spacing = result.get("bf16_spacing")
+                lines.append(f"| {check['call']} | {dtype} | {path} | {result['max_abs_logit_difference']:.3g} "
+                             f"| {'' if spacing is None else spacing} | {result['prompts_within_tolerance']:.1%} "
+                             f"| {result['top1_agreement']:.1%} | {result['greedy_identical']:.1%} "
+                             f"| {result['reference_top1_probability']:.4f} | {result['passed']} "
+                             f"| {result['passed_within_rounding']} |")
+    return "\n".join(lines)
+
+
 def check_table(checks: list[dict]) -> str:
     lines = ["| call | quant | path | passed | max rel. loss diff | loss fall | grad cosine | grad norm ratio |",
              "|---|---|---|---|---:|---:|---:|---:|"]
@@ -83,14 +126,30 @@ def check_table(checks: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def render(results: Path, checks: Path) -> str:
+def render(results: Path, checks: Path, generation_checks: Path) -> str:
+    rows = read(results)
+    training = [row for row in rows if row.get("task", "training") == "training"]
+    generation = [row for row in rows if row.get("task") == "generation"]
     return "\n".join([BEGIN, "## Side by side with Unsloth (issue 12; generated from benchmarks/results.jsonl)", "",
-                      speed_tables(read(results)), "",
+                      speed_tables(training), "",
                       "### Fast path equals the plain path (benchmarks/checks.jsonl, `python -m tunelab.kernels.check`)",
                       "", "20 LoRA steps (lr 1e-3, no clipping) on a small Qwen2 first trained until confident; "
                       "pass: every step's loss within 1 % of the plain path's while the loss falls ≥ 10 %, first-step "
                       "LoRA gradients cosine ≥ 0.999 and norm within 1 %. `broken` drops the LoRA scaling and must "
-                      "fail.", "", check_table(read(checks)), END])
+                      "fail.", "", check_table(read(checks)), "",
+                      "## Evaluation generation (issue 12; rows of benchmarks/results.jsonl with `task: generation`)",
+                      "", "Greedy, exactly the stated new tokens (min = max, no stop token), random prompts, random "
+                      "weights of the real shapes, bf16, SDPA; tokens/s = batch × new tokens ÷ wall time of one call "
+                      "(prefill included), median of the repeats, sides interleaved. `python -m "
+                      "tunelab.generation.bench`.", "", generation_tables(generation),
+                      "### Static decoding equals `generate` (benchmarks/generation_checks.jsonl, `python -m "
+                      "tunelab.generation.check`)", "",
+                      "A small Qwen2 trained until confident on a token chain; 64 left-padded prompts (8–32 tokens), "
+                      "32 new tokens. Strict bar (issue 12): teacher-forced logits within 0.1 on every prompt, "
+                      "top-1 agreement ≥ 99.5 %, greedy outputs identical on ≥ 95 % of prompts. In bf16 the logits "
+                      "are bf16 numbers (spacing 0.125 between 16 and 32), so the logit bar there is the larger of "
+                      "0.1 and that spacing. `broken` (each step fed the token before the one just chosen) must fail.",
+                      "", generation_check_table(read(generation_checks)), END])
 
 
 def update(markdown: str, section: str) -> str:
@@ -106,11 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=HERE / "results.jsonl")
     parser.add_argument("--checks", type=Path, default=HERE / "checks.jsonl")
+    parser.add_argument("--generation-checks", type=Path, default=HERE / "generation_checks.jsonl")
     parser.add_argument("--markdown", type=Path, default=HERE.parent / "BENCHMARKS.md")
     parser.add_argument("--check", action="store_true", help="exit 1 if the markdown is not up to date")
     args = parser.parse_args(argv)
     current = args.markdown.read_text()
-    updated = update(current, render(args.results, args.checks))
+    updated = update(current, render(args.results, args.checks, args.generation_checks))
     if args.check:
         return 0 if updated == current else 1
     tmp = args.markdown.with_suffix(".tmp")

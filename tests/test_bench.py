@@ -93,3 +93,28 @@ def test_results_rows_have_issue_12_fields_and_render_into_benchmarks(tmp_path):
     assert text.endswith("old hand-written text\n") and text.count(render.BEGIN) == 1
     assert render.main(["--results", str(results), "--checks", str(tmp_path / "none.jsonl"),
                         "--markdown", str(markdown), "--check"]) == 0
+
+
+def test_generation_rows_render_in_their_own_table_with_the_ratio_to_plain(tmp_path):
+    """Rows with `task: generation` (tunelab.generation.bench) go to the generation table, not the training one."""
+    import importlib.util
+    from pathlib import Path
+    common = dict(task="generation", call="g1", card="H200", gpus=1, model="qwen2.5-7b", method="greedy",
+                  quantization="none", attention="sdpa", batch=32, seq=128, new_tokens=256, new_tokens_min=256,
+                  new_tokens_max=256, repeats=3, peak_gib=15.0, reserved_gib=16.0, one_time={"first_call_s": 20.0},
+                  commit="abc", date="2026-12-01")
+    rows = [dict(common, side="plain", engine="generate (dynamic cache)", tok_s=1000.0, tok_s_range=[990.0, 1010.0]),
+            dict(common, side="tunelab", engine="static", tok_s=4500.0, tok_s_range=[4400.0, 4600.0])]
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = importlib.util.spec_from_file_location("render", Path(__file__).parents[1] / "benchmarks" / "render.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text("# Title\n")
+    assert render.main(["--results", str(results), "--checks", str(tmp_path / "none.jsonl"), "--generation-checks",
+                        str(tmp_path / "none.jsonl"), "--markdown", str(markdown)]) == 0
+    text = markdown.read_text()
+    generation = text.split("## Evaluation generation")[1]
+    assert "| qwen2.5-7b | 32 | 128 + 256 | tunelab | static | 4,500 | 4,400–4,600 | 3 | 256–256 |" in generation
+    assert "| 4.50× |" in generation and "4,500" not in text.split("## Evaluation generation")[0]

@@ -270,6 +270,9 @@ class GenerationConfig(Frozen):
     repetition_penalty: float | None = Field(None, gt=0, description="unset: the model's setting")
     seed: int = Field(0, description="seed of sampled generation")
     latency_requests: int = Field(32, gt=0, description="test prompts timed one request at a time (all if fewer)")
+    engine: Literal["auto", "static", "generate"] = Field(
+        "auto", description="greedy decoding: static (static KV cache, compiled into CUDA graphs on a GPU), generate "
+                            "(transformers' default) or auto (static on a CUDA GPU, generate elsewhere)")
 
 
 QualityMetric = Literal["exact_match", "bleu", "rouge_l", "bertscore_f1", "codebleu"]

@@ -1,9 +1,11 @@
 """The generation engine: the model's own generation settings and stop tokens, and left-padded batches
-through transformers' `generate`, each decoding step optionally streamed (with its time) to a callback."""
+through transformers' `generate`, each decoding step optionally streamed (with its time) to a callback, or,
+for greedy decoding where `generation.engine` selects it, through the static-cache decoder (`fast.py`)."""
 
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,9 +17,11 @@ from transformers.generation.streamers import BaseStreamer
 
 from tunelab import modeling
 from tunelab.config import GenerationConfig
+from tunelab.generation import fast
 from tunelab.generation.loading import load_for_inference
 from tunelab.tokenize import check_prompt_format, render_prompt
 
+log = logging.getLogger(__name__)
 SAMPLING = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
 
 
@@ -63,6 +67,7 @@ class Engine:
         tokenizer.padding_side = "left"
         self.stop_token_ids = stop_token_ids(model, tokenizer)
         self.config = self._study_config()
+        self.decoder = self._static_decoder()
 
     @classmethod
     def load(cls, model_dir: Path | None, settings: GenerationConfig, prompt_format: str = "alpaca",
@@ -86,11 +91,28 @@ class Engine:
                 setattr(config, key, defaults[key])
         return config
 
+    def _static_decoder(self) -> fast.StaticDecoder | None:
+        """The static-cache decoder where `generation.engine` asks for it and the model allows it."""
+        choice = self.settings.engine
+        if choice == "generate" or (choice == "auto" and self.device.type != "cuda"):
+            return None
+        if reason := fast.unsupported_model(self.model):
+            log.info("generation runs through generate: the static path does not take %s", reason)
+            return None
+        return fast.StaticDecoder(self.model, compiled=self.device.type == "cuda")
+
+    def decoding_path(self, config=None) -> str:
+        """Which path generates with `config` (the study's by default): `static (compiled)`, `static` or
+        `generate` (per-step streaming, the latency measurement's, always runs through `generate`)."""
+        if self.decoder is None or fast.unsupported_config(config or self.config):
+            return "generate"
+        return "static (compiled)" if self.decoder.compiled else "static"
+
     def effective_settings(self) -> dict:
         """What generation runs with, for eval.json."""
         return {"prompt_format": self.prompt_format, "stop_token_ids": self.stop_token_ids,
                 "max_new_tokens": self.config.max_new_tokens, "seed": self.settings.seed,
-                **{key: getattr(self.config, key, None) for key in SAMPLING}}
+                **{key: getattr(self.config, key, None) for key in SAMPLING}, "decoding": self.decoding_path()}
 
     def config_with(self, **overrides):
         """The study's generation config with per-request overrides (None leaves a setting as it is)."""
@@ -111,14 +133,25 @@ class Engine:
                  max_new_tokens: list[int] | None = None, streamer: StepStreamer | None = None) -> list[Completion]:
         """One left-padded batch: an answer per prompt. `max_new_tokens` caps rows below the batch's limit."""
         config = config or self.config
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        static = streamer is None and self.decoding_path(config) != "generate"
+        # a short last batch is filled up with copies of its last prompt, so that the static path's compiled step
+        # sees the study's batch size again instead of compiling for a new one
+        filled = prompts + prompts[-1:] * (self.settings.batch_size - len(prompts)) if static else prompts
+        batch = self.tokenizer(filled, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         if config.do_sample:
             torch.manual_seed(self.settings.seed if seed is None else seed)
         with self.autocast():
-            output = self.model.generate(**batch, generation_config=config, streamer=streamer)
+            if static:
+                stops = config.eos_token_id if isinstance(config.eos_token_id, list) else [
+                    i for i in [config.eos_token_id] if i is not None]
+                new = self.decoder.generate(batch["input_ids"], batch["attention_mask"], config.max_new_tokens,
+                                            stop_ids=stops, pad_id=config.pad_token_id or 0).tokens[:len(prompts)]
+            else:
+                output = self.model.generate(**batch, generation_config=config, streamer=streamer)
+                new = output[:, batch["input_ids"].shape[1]:]
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        new = output[:, batch["input_ids"].shape[1]:].tolist()
+        new = new.tolist()
         limits = max_new_tokens or [config.max_new_tokens] * len(prompts)
         return [self._completion(ids[:limit]) for ids, limit in zip(new, limits)]
 
