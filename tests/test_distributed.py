@@ -22,6 +22,7 @@ from tunelab import modeling
 from tunelab.artifacts import read_json, read_jsonl
 from tunelab.config import DistributedConfig, TrainConfig, load_study
 from tunelab.distributed import launch, runtime
+from tunelab.distributed.fsdp import FullyShard
 from tunelab.distributed.zero import deepspeed_config
 from tunelab.errors import TunelabError
 from tunelab.train import attach_method, fit
@@ -47,7 +48,11 @@ def study_text(**train) -> str:
     ({"strategy": "deepspeed", "gpus": 2}, {"optimizer": "paged_adamw_8bit"}, "8-bit/paged"),
     ({"strategy": "deepspeed", "gpus": 2}, {"precision": "fp16"}, "loss scaler"),
     ({"strategy": "ddp", "gpus": 2, "nodes": 2}, {"gradient_accumulation_steps": 2}, "multiple of the 4 processes"),
-    ({"strategy": "fsdp", "gpus": 2}, {}, "deepspeed"),
+    ({"strategy": "fsdp", "gpus": 2}, {"method": "adalora"}, "AdaLoraModel.forward"),
+    ({"strategy": "fsdp", "gpus": 2}, {"quantization": "int8"}, "no attribute 'CB'"),
+    ({"strategy": "fsdp", "gpus": 2}, {"optimizer": "adamw_8bit"}, "sharding strategy"),
+    ({"strategy": "fsdp", "zero_stage": 3, "gpus": 2}, {}, "zero_stage is a DeepSpeed setting"),
+    ({"strategy": "ddp", "zero_stage": 2, "gpus": 2}, {}, "zero_stage is a DeepSpeed setting"),
     ({"gpus": 0}, {}, "greater than or equal to 1"),
     ({"gpus": 2, "zero": 2}, {}, "unknown key (allowed: strategy, zero_stage, gpus, nodes)"),
 ])
@@ -64,7 +69,9 @@ def test_unsupported_combinations_get_one_clear_error(tmp_path, distributed, oth
 def test_supported_combinations_validate(tmp_path):
     for distributed, other in [({"gpus": 2}, {}), ({"strategy": "ddp", "gpus": 2}, {"method": "adalora"}),
                                ({"zero_stage": 3, "gpus": 2, "nodes": 2}, {"method": "full"}),
-                               ({"strategy": "ddp", "gpus": 2}, {"quantization": "nf4"})]:
+                               ({"strategy": "ddp", "gpus": 2}, {"quantization": "nf4"}),
+                               ({"strategy": "fsdp", "gpus": 2}, {"quantization": "nf4", "precision": "bf16"}),
+                               ({"strategy": "fsdp", "gpus": 2, "nodes": 2}, {"method": "full", "precision": "fp16"})]:
         path = tmp_path / "study.yaml"
         path.write_text(study_text(gradient_accumulation_steps=4, distributed=distributed, **other))
         train = load_study(path).run("r").train
@@ -86,10 +93,13 @@ def test_deepspeed_config_keeps_the_global_batch():
 
 # --- two processes train the one-process update ---------------------------------------------------------------
 
-def _train_settings() -> TrainConfig:
-    # full fine-tuning, no dropout anywhere (the tiny Qwen2 has none), four micro-batches a step
-    return TrainConfig(method="full", max_steps=STEPS, micro_batch_size=2, gradient_accumulation_steps=4,
-                       learning_rate=2e-3, warmup_steps=0, lr_scheduler="constant_with_warmup", eval_every=STEPS,
+def _train_settings(quantization: str = "none") -> TrainConfig:
+    # no dropout anywhere (the tiny Qwen2 has none, the adapter's is 0), four micro-batches a step; full
+    # fine-tuning, or QLoRA (nf4 stored and computed in fp32) at a learning rate that moves its loss as far
+    method = {"method": "full", "learning_rate": 2e-3} if quantization == "none" else {
+        "method": "lora", "quantization": quantization, "learning_rate": 1e-2, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
+    return TrainConfig(**method, max_steps=STEPS, micro_batch_size=2, gradient_accumulation_steps=4,
+                       warmup_steps=0, lr_scheduler="constant_with_warmup", eval_every=STEPS,
                        group_by_length=False, profile={"steps": 0}, checkpoint_every=0)
 
 
@@ -106,13 +116,30 @@ class _WithoutAllReduce(runtime.DataParallel):
         loss.backward()
 
 
-def _rank(rank: int, world: int, port: int, base: str, tokens: str, out: str, broken: bool) -> None:
+class _FullyShardWithoutReduce(FullyShard):
+    """The broken FSDP variant: each rank shards over itself alone (a mesh of one), so no gradient is reduced."""
+
+    def shard_model(self, model):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.mesh = init_device_mesh("cpu", (self.world_size, 1), mesh_dim_names=("alone", "shard"))["shard"]
+        return super().shard_model(model)
+
+    def backward(self, loss):
+        loss.backward()
+
+
+RUNTIMES = {"ddp": (runtime.DataParallel, _WithoutAllReduce), "fsdp": (FullyShard, _FullyShardWithoutReduce)}
+
+
+def _rank(rank: int, world: int, port: int, base: str, tokens: str, out: str, broken: bool, strategy: str,
+          quantization: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    train = _train_settings()
+    train = _train_settings(quantization)
     torch.manual_seed(0)
-    worker = (_WithoutAllReduce if broken else runtime.DataParallel)(train) if world > 1 else runtime.Single()
+    worker = RUNTIMES[strategy][broken](train) if world > 1 else runtime.Single()
     model = attach_method(modeling.load_model(base, train, for_training=True), train)
     metrics = fit(model, read_jsonl(Path(tokens) / "train.jsonl"), read_jsonl(Path(tokens) / "validation.jsonl")[:4],
                   train, 0, runtime=worker)
@@ -120,9 +147,10 @@ def _rank(rank: int, world: int, port: int, base: str, tokens: str, out: str, br
     worker.close()
 
 
-def _losses(tmp_path, tiny_base, tiny_tokens, world: int, broken: bool = False) -> list[list[float]]:
+def _losses(tmp_path, tiny_base, tiny_tokens, world: int, broken: bool = False, strategy: str = "ddp",
+            quantization: str = "none") -> list[list[float]]:
     out = tmp_path / f"w{world}{'-broken' if broken else ''}"
-    args = (world, _free_port(), str(tiny_base), str(tiny_tokens / "tokens"), str(out), broken)
+    args = (world, _free_port(), str(tiny_base), str(tiny_tokens / "tokens"), str(out), broken, strategy, quantization)
     mp.start_processes(_rank, args=args, nprocs=world, start_method="spawn")
     return [[loss for _, loss in json.loads(Path(f"{out}.{r}.json").read_text())] for r in range(world)]
 
@@ -131,14 +159,16 @@ def _matches(reference: list[float], other: list[float]) -> bool:
     return all(abs(a - b) <= TOLERANCE * abs(a) for a, b in zip(reference, other, strict=True))
 
 
-def test_two_processes_train_the_one_process_curve(tmp_path, tiny_base, tiny_tokens):
-    [single] = _losses(tmp_path, tiny_base, tiny_tokens, 1)
+@pytest.mark.parametrize("strategy, quantization", [("ddp", "none"), ("fsdp", "none"), ("fsdp", "nf4")])
+def test_two_processes_train_the_one_process_curve(tmp_path, tiny_base, tiny_tokens, strategy, quantization):
+    """DDP and FSDP2 (full fine-tuning, and QLoRA with its 4-bit weights sharded) against one process."""
+    [single] = _losses(tmp_path, tiny_base, tiny_tokens, 1, quantization=quantization)
     assert single[0] - min(single) >= 10 * TOLERANCE * single[0], f"the loss must fall well past the tolerance: {single}"
-    both = _losses(tmp_path, tiny_base, tiny_tokens, 2)
+    both = _losses(tmp_path, tiny_base, tiny_tokens, 2, strategy=strategy, quantization=quantization)
     assert both[0] == both[1]  # every rank logs the all-reduced loss
     assert _matches(single, both[0]), list(zip(single, both[0]))
-    # the broken variant (no gradient all-reduce) is caught by the same check
-    broken = _losses(tmp_path, tiny_base, tiny_tokens, 2, broken=True)
+    # the broken variant (no gradient all-reduce / reduce-scatter) is caught by the same check
+    broken = _losses(tmp_path, tiny_base, tiny_tokens, 2, broken=True, strategy=strategy, quantization=quantization)
     assert not _matches(single, broken[0]), list(zip(single, broken[0]))
     worst = max(abs(a - b) / a for a, b in zip(single, both[0]))
     print(f"loss {single[0]:.4f} -> {min(single):.4f}; 2 processes off by at most {worst:.2e} (relative); without "

@@ -50,11 +50,11 @@ def run_train(run: Run, base_dir: Path, tokens_dir: Path, out: Path) -> dict:
     metrics = fit(model, train_examples, validation_examples, run.train, tokenizer.pad_token_id,
                   profile_dir=out / "profile", label=run.name, checkpoints=checkpoints, tracking_dir=out,
                   runtime=runtime)
-    with runtime.gathered(model):  # every rank takes part; rank 0 writes whole weights
+    with runtime.gathered(model) as whole:  # every rank takes part; rank 0 writes whole weights
         if runtime.is_main:
             invalidate(out / "train_metrics.json")
             with atomic_dir(out / "model") as model_dir:
-                model.save_pretrained(model_dir)
+                model.save_pretrained(model_dir, state_dict=whole)
                 tokenizer.save_pretrained(model_dir)
     runtime.barrier()
     if not runtime.is_main:
@@ -108,12 +108,13 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
     multi-process `runtime` this rank trains on its share of each step (distributed.runtime)."""
     runtime = runtime or distributed.Single()
     device = next(model.parameters()).device
+    model = runtime.shard_model(model)  # FSDP: before the optimizer, which must hold the shards
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, train)
     trained = runtime.wrap(model, optimizer)
     scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.warmup_steps,
                               num_training_steps=train.max_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
+    scaler = runtime.grad_scaler(device, enabled=train.precision == "fp16")
     autocast = modeling.autocast(train, device)
     batches = training_batches(train_examples, train.micro_batch_size, pad_id, seed=train.seed,
                                group_by_length=train.group_by_length, packing=train.packing)
