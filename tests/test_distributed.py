@@ -4,6 +4,7 @@ and the rerun resuming to the uninterrupted loss, and the per-node command lines
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
+from safetensors.torch import load_file
 
 from tunelab import modeling
 from tunelab.artifacts import read_json, read_jsonl
@@ -186,33 +188,44 @@ def _free_port() -> int:
 RESUME_STEPS, EVERY = 12, 4
 
 
-def _start(tmp_path: Path, tiny_base: Path, tiny_tokens: Path, out: Path) -> subprocess.Popen:
-    """`tunelab train` of a 2-process DDP run as the rule starts it: it starts torchrun, which starts the ranks."""
+def _start(tmp_path: Path, tiny_base: Path, tiny_tokens: Path, out: Path, strategy: str = "ddp") -> subprocess.Popen:
+    """`tunelab train` of a 2-process run as the rule starts it: it starts torchrun, which starts the ranks."""
     study = tmp_path / "study.yaml"
     if not study.exists():
         study.write_text(study_text(
             max_steps=RESUME_STEPS, checkpoint_every=EVERY, gradient_accumulation_steps=2, learning_rate=2e-3,
             warmup_steps=2, eval_every=6, log_every=1, profile={"steps": 0},
             lora={"r": 4, "alpha": 8, "dropout": 0.1},  # dropout: every rank's RNG must resume
-            distributed={"strategy": "ddp", "gpus": 2}))
+            distributed={"strategy": strategy, "gpus": 2}))
     command = [sys.executable, "-m", "tunelab.cli", "train", "--config", str(study), "--run", "r",
                "--base", str(tiny_base), "--tokens", str(tiny_tokens / "tokens"), "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, stdout=open(f"{out}.log", "a"), stderr=subprocess.STDOUT, env=env)
 
 
-def _finish(tmp_path, tiny_base, tiny_tokens, out: Path) -> dict:
-    process = _start(tmp_path, tiny_base, tiny_tokens, out)
+def _finish(tmp_path, tiny_base, tiny_tokens, out: Path, strategy: str = "ddp") -> dict:
+    process = _start(tmp_path, tiny_base, tiny_tokens, out, strategy)
     assert process.wait(timeout=600) == 0, Path(f"{out}.log").read_text()[-3000:]
     return read_json(out / "train_metrics.json")
 
 
-def test_usr1_to_the_launcher_reaches_every_rank_and_the_rerun_resumes(tmp_path, tiny_base, tiny_tokens):
-    reference = _finish(tmp_path, tiny_base, tiny_tokens, tmp_path / "uninterrupted")
+# what each strategy's checkpoint holds besides trainer.pt and progress.json: every rank's part where it shards
+RANK_FILES = {"ddp": ["optimizer.pt", "weights.pt"],
+              "fsdp": ["sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp"],
+              "deepspeed": ["deepspeed/mp_rank_00_model_states.pt", "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                            "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"]}
+# deepspeed is in the gpu extra; where it is installed (it runs on the CPU with gloo), its checkpoints are tested too
+STRATEGIES = ["ddp", "fsdp", pytest.param("deepspeed", marks=pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (pip install -e .[gpu])"))]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_usr1_to_the_launcher_reaches_every_rank_and_the_rerun_resumes(tmp_path, tiny_base, tiny_tokens, strategy):
+    reference = _finish(tmp_path, tiny_base, tiny_tokens, tmp_path / "uninterrupted", strategy)
     assert reference["processes"] == 2 and reference["gpus"] == 0 and reference["gpu_hours"] == 0
 
     out = tmp_path / "interrupted"
-    process = _start(tmp_path, tiny_base, tiny_tokens, out)
+    process = _start(tmp_path, tiny_base, tiny_tokens, out, strategy)
     deadline = time.monotonic() + 600
     while f"r step {EVERY + 2}/{RESUME_STEPS} " not in Path(f"{out}.log").read_text():
         assert process.poll() is None and time.monotonic() < deadline, Path(f"{out}.log").read_text()[-3000:]
@@ -224,15 +237,22 @@ def test_usr1_to_the_launcher_reaches_every_rank_and_the_rerun_resumes(tmp_path,
              if "stopped by SIGUSR1 after step " in line]
     assert len(stops) == 2 and stops[0] == stops[1], log[-3000:]  # both ranks, after the same step
     stopped = int(stops[0])
-    assert (out / "checkpoints" / f"step-{stopped:08d}" / "manifest.json").is_file()
-    assert len(torch.load(out / "checkpoints" / f"step-{stopped:08d}" / "trainer.pt",
-                          weights_only=True)["rng_of_ranks"]) == 2
+    checkpoint = out / "checkpoints" / f"step-{stopped:08d}"
+    manifest = read_json(checkpoint / "manifest.json")["files"]
+    assert sorted(manifest) == sorted([*RANK_FILES[strategy], "progress.json", "trainer.pt"]), sorted(manifest)
+    assert len(torch.load(checkpoint / "trainer.pt", weights_only=True)["rng_of_ranks"]) == 2
     assert not (out / "train_metrics.json").exists()
 
-    metrics = _finish(tmp_path, tiny_base, tiny_tokens, out)
+    metrics = _finish(tmp_path, tiny_base, tiny_tokens, out, strategy)
     assert metrics["resumed_from_step"] == stopped
     for curve in ("loss_curve", "validation_loss_curve"):
         torch.testing.assert_close(torch.tensor(metrics[curve]), torch.tensor(reference[curve]), atol=1e-4, rtol=0)
+    # the saved adapter is the uninterrupted run's, whole (FSDP and ZeRO gather it onto rank 0)
+    adapter, expected = (load_file(run / "model" / "adapter_model.safetensors") for run in (out, tmp_path / "uninterrupted"))
+    assert adapter.keys() == expected.keys() and len(adapter) == 2 * 7 * 2  # 2 layers x 7 projections x A, B
+    for name, weight in expected.items():
+        assert adapter[name].shape == weight.shape and weight.abs().amax() > 0, name
+        torch.testing.assert_close(adapter[name], weight, atol=1e-5, rtol=0)
 
 
 # --- the command lines: srun across nodes, one torchrun per node, rendezvous on the first host ------------------
