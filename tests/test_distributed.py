@@ -27,7 +27,7 @@ from tunelab.distributed import launch, runtime
 from tunelab.distributed.fsdp import FullyShard
 from tunelab.distributed.zero import deepspeed_config
 from tunelab.errors import TunelabError
-from tunelab.train import attach_method, fit
+from tunelab.train import attach_method, fit, save_trained
 from conftest import REPO
 
 TOLERANCE = 0.01  # relative, at every step
@@ -213,7 +213,8 @@ def _finish(tmp_path, tiny_base, tiny_tokens, out: Path, strategy: str = "ddp") 
 RANK_FILES = {"ddp": ["optimizer.pt", "weights.pt"],
               "fsdp": ["sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp"],
               "deepspeed": ["deepspeed/mp_rank_00_model_states.pt", "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                            "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"]}
+                            "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                            "zero_to_fp32.py", "zero_to_torch.py"]}  # DeepSpeed's scripts that consolidate it
 # deepspeed is in the gpu extra; where it is installed (it runs on the CPU with gloo), its checkpoints are tested too
 STRATEGIES = ["ddp", "fsdp", pytest.param("deepspeed", marks=pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (pip install -e .[gpu])"))]
@@ -308,3 +309,70 @@ def test_two_node_launchers_train_the_single_launcher_run(tmp_path, tiny_base, t
     one, two = (read_json(tmp_path / run / "train_metrics.json") for run in ("one", "two"))
     assert two["processes"] == 2 and two["nodes"] == 2
     torch.testing.assert_close(torch.tensor(two["loss_curve"]), torch.tensor(one["loss_curve"]), atol=1e-5, rtol=0)
+
+
+# --- sharded runs save whole weights: what merge and generate read --------------------------------------------
+
+def _save_rank(rank: int, world: int, port: int, base: str, tokens: str, out: str, distributed: dict,
+               method: str) -> None:
+    """Train a few steps sharded, save as `tunelab train` does, and keep the logits of the model in memory."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train = TrainConfig(method=method, max_steps=3, micro_batch_size=2, gradient_accumulation_steps=2,
+                        learning_rate=1e-2, warmup_steps=0, eval_every=3, profile={"steps": 0}, checkpoint_every=0,
+                        lora={"r": 4, "alpha": 8, "dropout": 0.0}, distributed=distributed)
+    worker = runtime.from_environment(train)
+    model = attach_method(modeling.load_model(base, train, for_training=True), train)
+    fit(model, read_jsonl(Path(tokens) / "train.jsonl"), read_jsonl(Path(tokens) / "validation.jsonl")[:4], train, 0,
+        runtime=worker)
+    save_trained(model, modeling.load_tokenizer(base), Path(out), worker)
+    model.eval()
+    with torch.no_grad():  # every rank runs the forward: the sharded weights are gathered layer by layer
+        logits = model(input_ids=torch.tensor([read_jsonl(Path(tokens) / "train.jsonl")[0]["input_ids"]])).logits
+    if worker.is_main:
+        torch.save(logits, Path(out) / "logits.pt")
+    worker.close()
+
+
+DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                               reason="deepspeed is not installed (pip install -e .[gpu])")
+
+
+@pytest.mark.parametrize("distributed, method", [
+    ({"strategy": "fsdp", "gpus": 2}, "lora"), ({"strategy": "fsdp", "gpus": 2}, "full"),
+    pytest.param({"strategy": "deepspeed", "zero_stage": 3, "gpus": 2}, "lora", marks=DEEPSPEED),
+    pytest.param({"strategy": "deepspeed", "zero_stage": 3, "gpus": 2}, "full", marks=DEEPSPEED)])
+def test_sharded_runs_save_whole_weights_with_the_logits_in_memory(tmp_path, tiny_base, tiny_tokens, distributed,
+                                                                   method):
+    """Adapters and models saved under FSDP2 and ZeRO-3 are complete: full-size, non-zero (the adapter's B moved
+    from its zero start), and the plain directory reloaded in one process gives the logits the sharded model
+    computed in memory."""
+    out = tmp_path / "run"
+    mp.start_processes(_save_rank, args=(2, _free_port(), str(tiny_base), str(tiny_tokens / "tokens"), str(out),
+                                         distributed, method), nprocs=2, start_method="spawn")
+    in_memory = torch.load(out / "logits.pt", weights_only=True)
+    tokens = torch.tensor([read_jsonl(tiny_tokens / "tokens" / "train.jsonl")[0]["input_ids"]])
+    from transformers import AutoModelForCausalLM
+
+    if method == "lora":
+        from peft import PeftModel
+
+        saved = load_file(out / "model" / "adapter_model.safetensors")
+        assert len(saved) == 2 * 7 * 2  # 2 layers x 7 projections x (A, B)
+        for name, weight in saved.items():
+            rows, columns = weight.shape
+            assert (rows == 4) if ".lora_A." in name else (columns == 4), (name, weight.shape)
+            assert max(rows, columns) in (128, 256, 64), (name, weight.shape)  # hidden, MLP or key-value width
+            assert weight.abs().amax() > 0, name
+        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), out / "model")
+    else:
+        reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
+        base = AutoModelForCausalLM.from_pretrained(tiny_base)
+        assert reloaded.num_parameters() == base.num_parameters()
+        assert all(not torch.equal(a, b) for a, b in zip(reloaded.parameters(), base.parameters()))  # all trained
+    with torch.no_grad():
+        logits = reloaded.eval()(input_ids=tokens).logits
+    untrained = AutoModelForCausalLM.from_pretrained(tiny_base).eval()(input_ids=tokens).logits.detach()
+    assert (in_memory - untrained).abs().amax() > 1e-2  # training moved the logits, so equality below means something
+    torch.testing.assert_close(logits, in_memory, atol=1e-4, rtol=0)

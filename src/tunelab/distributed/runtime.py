@@ -223,7 +223,8 @@ class DeepSpeed(DataParallel):
 
     def save_state(self, directory: Path, model, optimizer) -> None:
         # every rank writes its partition of the optimizer state (and of ZeRO-3's weights); frozen weights stay out
-        self.engine.save_checkpoint(str(directory), tag="deepspeed", exclude_frozen_parameters=True)
+        self.engine.save_checkpoint(str(directory), tag="deepspeed", exclude_frozen_parameters=True,
+                                    save_latest=False)  # tunelab's manifest says which checkpoint is good
 
     def load_state(self, directory: Path, model, optimizer) -> None:
         path, _ = self.engine.load_checkpoint(str(directory), tag="deepspeed", load_module_strict=False,
