@@ -132,17 +132,9 @@ class DistributedConfig(Frozen):
 
 # Combinations refused at validation, each with the upstream reason: (applies, message)
 UNSUPPORTED_DISTRIBUTED = (
-    (lambda t, d: d.strategy == "deepspeed" and d.zero_stage == 3 and t.quantization != "none",
-     "ZeRO-3 partitions every weight, and bitsandbytes' quantized weights (Params4bit/Int8Params) can't be "
-     "partitioned by it: QLoRA under ZeRO-3 needs zero.Init-aware loading that only transformers' Trainer does "
-     "(peft docs, 'DeepSpeed'); use zero_stage 2"),
     (lambda t, d: d.strategy == "deepspeed" and t.method == "adalora",
      "AdaLoRA's rank allocator reads every adapter's .grad after the step (peft RankAllocator), and DeepSpeed ZeRO "
      "keeps gradients in its own partitioned buffers (.grad is None); use strategy ddp"),
-    (lambda t, d: d.strategy == "deepspeed" and t.optimizer != "adamw_torch",
-     "DeepSpeed ZeRO steps the client optimizer on its own flattened partitions, which bitsandbytes' 8-bit/paged "
-     "optimizers are not tested with (DeepSpeed requires zero_allow_untested_optimizer for them); use adamw_torch "
-     "or strategy ddp"),
     (lambda t, d: d.strategy == "deepspeed" and t.precision == "fp16",
      "tunelab's fp16 GradScaler can't wrap DeepSpeed's optimizer (DeepSpeed brings its own loss scaler); use bf16"),
     (lambda t, d: d.strategy != "deepspeed" and "zero_stage" in d.model_fields_set,
