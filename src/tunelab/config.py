@@ -137,9 +137,6 @@ UNSUPPORTED_DISTRIBUTED = (
      "keeps gradients in its own partitioned buffers (.grad is None); use strategy ddp"),
     (lambda t, d: d.strategy == "deepspeed" and t.precision == "fp16",
      "tunelab's fp16 GradScaler can't wrap DeepSpeed's optimizer (DeepSpeed brings its own loss scaler); use bf16"),
-    (lambda t, d: d.strategy != "deepspeed" and "zero_stage" in d.model_fields_set,
-     "zero_stage is a DeepSpeed setting (FSDP always shards weights, gradients and optimizer state; DDP none); "
-     "remove it or use strategy deepspeed"),
     (lambda t, d: d.strategy == "fsdp" and t.method == "adalora",
      "PEFT's AdaLoRA reads whole adapter matrices (its orthogonality penalty P^T P and RankAllocator's budget over "
      "every singular value), and FSDP2 leaves each rank a shard of them (a DTensor: 'The size of tensor a (2) must "
