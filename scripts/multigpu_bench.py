@@ -3,7 +3,8 @@
 `plan` runs each case as `python -m tunelab.distributed.agent` (torchrun) with 1 or 2 ranks, one after another,
 and appends one row per run to `<out>/results.jsonl` (issue 12's schema plus `nodes`, `strategy`, `zero_stage`,
 `losses`). Each rank runs `rank`: a random-weight Qwen2.5 architecture (tunelab.bench's), tunelab's
-`attach_method` and `fit` under `distributed.runtime` (DeepSpeed ZeRO for 2 ranks, the single path for 1), on
+`attach_method` and `fit` under `distributed.runtime` (`--strategy`: DeepSpeed ZeRO, FSDP2 or DDP for 2 ranks, the
+single path for 1), on
 random tokens (seq tokens per example, micro-batch `batch` per GPU, accumulation = ranks, so every GPU runs the
 1-GPU micro-batch). tok_s: tokens of the whole job per optimizer step over the median step period after 3
 warm-up steps; peak: fit's maximum over ranks of max_memory_allocated.
@@ -47,8 +48,8 @@ def rank(args) -> None:
     from tunelab.train import attach_method, fit
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    distributed = ({"strategy": args.strategy, "zero_stage": args.zero_stage, "gpus": world // args.nodes,
-                    "nodes": args.nodes} if world > 1 else None)
+    distributed = ({"strategy": args.strategy, "gpus": world // args.nodes, "nodes": args.nodes}
+                   | ({"zero_stage": args.zero_stage} if args.strategy == "deepspeed" else {}) if world > 1 else None)
     train = TrainConfig(method=args.method, precision="bf16", lora=LoraConfig(r=16, alpha=32, dropout=0.0),
                         micro_batch_size=args.batch, gradient_accumulation_steps=world, max_steps=args.steps,
                         learning_rate=2e-4, warmup_steps=0, lr_scheduler="constant_with_warmup",
@@ -88,7 +89,7 @@ def rank(args) -> None:
 
 
 def _check_saved_adapter(args, model, worker, config, examples, train) -> None:
-    """ZeRO-3: the adapter rank 0 saves inside `runtime.gathered` is whole: full-size, non-zero tensors, and a
+    """ZeRO-3 or FSDP: the adapter rank 0 saves inside `runtime.gathered` is whole: full-size, non-zero tensors, and a
     fresh base with it loaded gives the logits of the trained model in memory."""
     import torch
     from peft import PeftModel
@@ -104,9 +105,9 @@ def _check_saved_adapter(args, model, worker, config, examples, train) -> None:
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # every rank: ZeRO-3 gathers per layer
         in_memory = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     saved = Path(args.row).with_suffix(".adapter")
-    with worker.gathered(model):
+    with worker.gathered(model) as whole:
         if worker.is_main:
-            model.save_pretrained(saved)
+            model.save_pretrained(saved, state_dict=whole)
     worker.barrier()
     if not worker.is_main:
         return
@@ -183,7 +184,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=330, help="seconds after which no further case starts")
     p.add_argument("--call", default="dist-1")
     p.add_argument("--commit", default="")
-    p.add_argument("--strategy", default="deepspeed", choices=["deepspeed", "ddp"])
+    p.add_argument("--strategy", default="deepspeed", choices=["deepspeed", "fsdp", "ddp"])
     p.add_argument("--only", type=int, nargs="*", help="indices of CASES to run, in this order")
     p.add_argument("--dry-run", action="store_true", help="tiny model, 3 steps: check the plan on the CPU")
     r = commands.add_parser("rank")

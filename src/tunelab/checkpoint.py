@@ -3,6 +3,8 @@
 A checkpoint is a directory `results/runs/<run>/checkpoints/step-00000040/`:
   weights.pt     the trainable weights (the adapter, or every weight of a full fine-tune)
   optimizer.pt   the optimizer's state
+    (a distributed run: DDP writes these two; DeepSpeed writes `deepspeed/`, its own format with every rank's
+    partition, and FSDP `sharded/`, a torch.distributed.checkpoint of every rank's shards: runtime.save_state)
   trainer.pt     LR scheduler, GradScaler, AdaLoRA's rank allocator, RNG states (python, numpy, torch, cuda)
   progress.json  the step, the micro-batches consumed, the loss curves and the speed counters so far
   manifest.json  written last: the run's fingerprint and the size and SHA-256 of every file above
@@ -15,6 +17,7 @@ micro-batches puts the data where it was. See docs/reliability.md.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -33,7 +36,6 @@ from tunelab.config import BOOKKEEPING, TrainConfig
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # scancel / preemption, and SLURM's `--signal=USR1@<seconds>`
-FILES = ("weights.pt", "optimizer.pt", "trainer.pt", "progress.json")
 
 
 def fingerprint(train: TrainConfig, base: str, tokens: Path) -> str:
@@ -84,9 +86,7 @@ class Checkpoints:
         due = every and step % every == 0 and step < self.train.max_steps  # the last step saves the outputs
         if self.runtime.world_size > 1:  # a signal to any rank stops every rank after the same step
             self.signalled = int(self.runtime.maximum(self.signalled or 0)) or None
-        if (due or self.signalled) and not self.runtime.checkpointable:
-            log.warning("step %d: no checkpoint, DeepSpeed runs are not checkpointed yet (the rerun starts over)", step)
-        elif due or self.signalled:
+        if due or self.signalled:
             self.save(step)
         if self.signalled:
             name = signal.Signals(self.signalled).name
@@ -96,31 +96,32 @@ class Checkpoints:
 
     def save(self, step: int) -> Path:
         """Write the checkpoint of `step` (after the step's update), then drop the oldest beyond checkpoint_keep."""
-        objects = self._objects
+        objects, runtime = self._objects, self.runtime
         path = self.root / _name(step)
-        rng = self.runtime.gather(_rng_bytes())  # a collective: every rank calls save
-        if not self.runtime.is_main:
-            self.runtime.barrier()  # rank 0 has written it before any rank exits after a signal
-            return path
-        with atomic_dir(path) as tmp:
-            torch.save({n: p.detach().cpu() for n, p in objects["model"].named_parameters() if p.requires_grad},
-                       tmp / "weights.pt")
-            torch.save(objects["optimizer"].state_dict(), tmp / "optimizer.pt")
-            torch.save({"scheduler": objects["scheduler"].state_dict(), "scaler": objects["scaler"].state_dict(),
-                        "adalora": _adalora_state(objects["model"]), "rng": _rng_state(),
-                        "rng_of_ranks": [torch.load(io.BytesIO(state), weights_only=True) for state in rng]},
-                       tmp / "trainer.pt")
-            write_json(tmp / "progress.json", {
-                "step": step, "micro_batches": step * self.train.gradient_accumulation_steps,
-                "curves": objects["curves"], "counted": objects["counted"],
-                "wall_seconds": self.wall_seconds})
-            write_json(tmp / "manifest.json", {  # last: a checkpoint without it is incomplete
-                "step": step, "fingerprint": self.fingerprint,
-                "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": _file_digest(tmp / name)}
-                          for name in FILES}})
-        self._prune(keep=path)
-        log.info("checkpoint %s written (step %d/%d)", path, step, self.train.max_steps)
-        self.runtime.barrier()
+        rng = runtime.gather(_rng_bytes())  # a collective: every rank calls save
+        with atomic_dir(path) if runtime.is_main else contextlib.nullcontext() as tmp:
+            # rank 0's temporary directory, where every rank writes its part (one file system for all nodes)
+            tmp = Path(runtime.gather(str(tmp))[0])
+            runtime.save_state(tmp, objects["model"], objects["optimizer"])
+            runtime.barrier()  # every rank's part is written before rank 0 hashes it and renames the directory
+            if runtime.is_main:
+                torch.save({"scheduler": objects["scheduler"].state_dict(), "scaler": objects["scaler"].state_dict(),
+                            "adalora": _adalora_state(objects["model"]), "rng": _rng_state(),
+                            "rng_of_ranks": [torch.load(io.BytesIO(state), weights_only=True) for state in rng]},
+                           tmp / "trainer.pt")
+                write_json(tmp / "progress.json", {
+                    "step": step, "micro_batches": step * self.train.gradient_accumulation_steps,
+                    "curves": objects["curves"], "counted": objects["counted"],
+                    "wall_seconds": self.wall_seconds})
+                files = sorted(file.relative_to(tmp).as_posix() for file in tmp.rglob("*") if file.is_file())
+                write_json(tmp / "manifest.json", {  # last: a checkpoint without it is incomplete
+                    "step": step, "fingerprint": self.fingerprint,
+                    "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": _file_digest(tmp / name)}
+                              for name in files}})
+        if runtime.is_main:
+            self._prune(keep=path)
+            log.info("checkpoint %s written (step %d/%d)", path, step, self.train.max_steps)
+        runtime.barrier()  # rank 0 has renamed it before any rank exits after a signal
         return path
 
     @property
@@ -169,11 +170,7 @@ class Checkpoints:
     def _load(self, directory: Path, batches) -> None:
         objects = self._objects
         progress = read_json(directory / "progress.json")
-        parameters = dict(objects["model"].named_parameters())
-        with torch.no_grad():
-            for name, tensor in torch.load(directory / "weights.pt", weights_only=True).items():
-                parameters[name].copy_(tensor)
-        objects["optimizer"].load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        self.runtime.load_state(directory, objects["model"], objects["optimizer"])
         trainer = torch.load(directory / "trainer.pt", map_location="cpu", weights_only=True)  # RNG states: CPU
         objects["scheduler"].load_state_dict(trainer["scheduler"])
         objects["scaler"].load_state_dict(trainer["scaler"])

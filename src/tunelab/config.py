@@ -142,10 +142,11 @@ class MlflowConfig(Frozen):
 class DistributedConfig(Frozen):
     """Data-parallel training over several GPUs and nodes, one process per GPU (src/tunelab/distributed/)."""
 
-    strategy: Literal["deepspeed", "ddp"] = Field(
-        "deepspeed", description="deepspeed (ZeRO, config generated from the run) or ddp (torch DistributedDataParallel)")
-    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage: 2 shards optimizer state and gradients, "
-                                                     "3 also the weights")
+    strategy: Literal["deepspeed", "fsdp", "ddp"] = Field(
+        "deepspeed", description="deepspeed (ZeRO, config generated from the run), fsdp (torch FSDP2: weights, "
+                                 "gradients and optimizer state sharded) or ddp (torch DistributedDataParallel)")
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage (strategy deepspeed only): 2 shards "
+                                                     "optimizer state and gradients, 3 also the weights")
     gpus: int = Field(1, ge=1, description="GPUs (processes) per node")
     nodes: int = Field(1, ge=1, description="nodes; more than one needs SLURM (one launcher per node through srun)")
 
@@ -156,19 +157,23 @@ class DistributedConfig(Frozen):
 
 # Combinations refused at validation, each with the upstream reason: (applies, message)
 UNSUPPORTED_DISTRIBUTED = (
-    (lambda t, d: d.strategy == "deepspeed" and d.zero_stage == 3 and t.quantization != "none",
-     "ZeRO-3 partitions every weight, and bitsandbytes' quantized weights (Params4bit/Int8Params) can't be "
-     "partitioned by it: QLoRA under ZeRO-3 needs zero.Init-aware loading that only transformers' Trainer does "
-     "(peft docs, 'DeepSpeed'); use zero_stage 2"),
     (lambda t, d: d.strategy == "deepspeed" and t.method == "adalora",
      "AdaLoRA's rank allocator reads every adapter's .grad after the step (peft RankAllocator), and DeepSpeed ZeRO "
      "keeps gradients in its own partitioned buffers (.grad is None); use strategy ddp"),
-    (lambda t, d: d.strategy == "deepspeed" and t.optimizer != "adamw_torch",
-     "DeepSpeed ZeRO steps the client optimizer on its own flattened partitions, which bitsandbytes' 8-bit/paged "
-     "optimizers are not tested with (DeepSpeed requires zero_allow_untested_optimizer for them); use adamw_torch "
-     "or strategy ddp"),
     (lambda t, d: d.strategy == "deepspeed" and t.precision == "fp16",
      "tunelab's fp16 GradScaler can't wrap DeepSpeed's optimizer (DeepSpeed brings its own loss scaler); use bf16"),
+    (lambda t, d: d.strategy == "fsdp" and t.method == "adalora",
+     "PEFT's AdaLoRA reads whole adapter matrices (its orthogonality penalty P^T P and RankAllocator's budget over "
+     "every singular value), and FSDP2 leaves each rank a shard of them (a DTensor: 'The size of tensor a (2) must "
+     "match the size of tensor b (4)' in AdaLoraModel.forward); use strategy ddp"),
+    (lambda t, d: d.strategy == "fsdp" and t.quantization == "int8",
+     "bitsandbytes' Int8Params keep their quantization state (CB, SCB) on the weight object, which FSDP2 replaces by "
+     "a plain all-gathered tensor (\"'Parameter' object has no attribute 'CB'\" in Linear8bitLt.forward; Linear4bit "
+     "restores its state from the module); use quantization nf4 or strategy ddp"),
+    (lambda t, d: d.strategy == "fsdp" and t.optimizer != "adamw_torch",
+     "bitsandbytes' 8-bit/paged optimizers run their own kernels on each weight, and FSDP2's weights are DTensor "
+     "shards ('Operator bitsandbytes.optimizer_update_32bit.default does not have a sharding strategy "
+     "registered'); use adamw_torch or strategy ddp"),
 )
 
 
@@ -249,7 +254,8 @@ class TrainConfig(Frozen):
                 f"gradient_accumulation_steps to a multiple of {distributed.world_size}")
         for applies, reason in UNSUPPORTED_DISTRIBUTED:
             if applies(self, distributed):
-                raise ValueError(f"distributed: strategy {distributed.strategy} (zero_stage {distributed.zero_stage}) "
+                stage = f" (zero_stage {distributed.zero_stage})" if distributed.strategy == "deepspeed" else ""
+                raise ValueError(f"distributed: strategy {distributed.strategy}{stage} "
                                  f"with method {self.method}, quantization {self.quantization}, optimizer "
                                  f"{self.optimizer}, precision {self.precision} is not supported: {reason}")
 

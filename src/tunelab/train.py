@@ -50,13 +50,7 @@ def run_train(run: Run, base_dir: Path, tokens_dir: Path, out: Path) -> dict:
     metrics = fit(model, train_examples, validation_examples, run.train, tokenizer.pad_token_id,
                   profile_dir=out / "profile", label=run.name, checkpoints=checkpoints, tracking_dir=out,
                   runtime=runtime)
-    with runtime.gathered(model):  # every rank takes part; rank 0 writes whole weights
-        if runtime.is_main:
-            invalidate(out / "train_metrics.json")
-            with atomic_dir(out / "model") as model_dir:
-                model.save_pretrained(model_dir)
-                tokenizer.save_pretrained(model_dir)
-    runtime.barrier()
+    save_trained(model, tokenizer, out, runtime)
     if not runtime.is_main:
         runtime.close()
         return metrics
@@ -70,6 +64,20 @@ def run_train(run: Run, base_dir: Path, tokens_dir: Path, out: Path) -> dict:
     checkpoints.finish()
     runtime.close()
     return metrics
+
+
+def save_trained(model, tokenizer, out: Path, runtime: distributed.Single) -> None:
+    """Write `out/model`: the adapter, or the whole model, as one process would, whatever the strategy.
+
+    Every rank takes part: under ZeRO-3 and FSDP the weights are gathered whole for rank 0, which writes them in
+    their training dtype, so merge and generate read a plain adapter or model directory."""
+    with runtime.gathered(model) as whole:
+        if runtime.is_main:
+            invalidate(out / "train_metrics.json")
+            with atomic_dir(out / "model") as model_dir:
+                model.save_pretrained(model_dir, state_dict=whole)
+                tokenizer.save_pretrained(model_dir)
+    runtime.barrier()
 
 
 def attach_method(model, train: TrainConfig):
@@ -108,12 +116,13 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
     multi-process `runtime` this rank trains on its share of each step (distributed.runtime)."""
     runtime = runtime or distributed.Single()
     device = next(model.parameters()).device
+    model = runtime.shard_model(model)  # FSDP: before the optimizer, which must hold the shards
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, train)
     trained = runtime.wrap(model, optimizer)
     scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.warmup_steps,
                               num_training_steps=train.max_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
+    scaler = runtime.grad_scaler(device, enabled=train.precision == "fp16")
     autocast = modeling.autocast(train, device)
     batches = training_batches(train_examples, train.micro_batch_size, pad_id, seed=train.seed,
                                group_by_length=train.group_by_length, packing=train.packing)

@@ -5,6 +5,11 @@ With W processes, every rank draws the same seeded micro-batches of a step (the 
 contiguous 1/W share, divides its loss by the label tokens of the whole step (all-reduced across ranks), and
 the gradients are summed across ranks (DDP and ZeRO average them, so each rank's loss is scaled by W).
 A 2-GPU step therefore computes the update of the 1-GPU step on the same examples.
+
+Checkpoints (checkpoint.Checkpoints) hand each runtime the directory of the checkpoint being written or read:
+one process and DDP keep `weights.pt` and `optimizer.pt` (rank 0 writes them, every rank holds the same),
+DeepSpeed writes its own per-rank format (`deepspeed/`), FSDP a torch.distributed.checkpoint of every rank's
+shards (`sharded/`, fsdp.FullyShard).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import logging
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,6 +34,10 @@ def from_environment(train: TrainConfig) -> Single:
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Single()
     strategy = train.distributed.strategy if train.distributed else "ddp"
+    if strategy == "fsdp":
+        from tunelab.distributed.fsdp import FullyShard
+
+        return FullyShard(train)
     return DeepSpeed(train) if strategy == "deepspeed" else DataParallel(train)
 
 
@@ -36,7 +46,14 @@ class Single:
 
     rank, world_size, is_main = 0, 1, True
     local_gradients = True  # .grad holds this process's gradients after backward
-    checkpointable = True  # checkpoint.Checkpoints can save and resume it
+
+    def shard_model(self, model):
+        """`model` as the optimizer must see it: FSDP replaces its weights by shards (before the optimizer exists)."""
+        return model
+
+    def grad_scaler(self, device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+        """fp16's loss scaler; it must skip a step on every rank alike when any rank's gradients overflow."""
+        return torch.amp.GradScaler(device.type, enabled=enabled)
 
     def wrap(self, model, optimizer):
         """The module to call for the training forward (`model` itself, or its DDP/DeepSpeed wrapper)."""
@@ -78,8 +95,25 @@ class Single:
         scaler.update()
 
     def gathered(self, model):
-        """Context in which `model`'s weights are whole on every rank (ZeRO-3 shards them)."""
+        """Context in which rank 0 can save `model` whole (ZeRO-3 and FSDP shard it); every rank enters it. It
+        yields the state dict to save, or None for the model's own."""
         return contextlib.nullcontext()
+
+    def save_state(self, directory: Path, model, optimizer) -> None:
+        """Write the trainable weights and the optimizer state into a checkpoint's `directory` (every rank calls
+        it; here rank 0 writes, as every rank holds the same)."""
+        if self.is_main:
+            torch.save({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                       directory / "weights.pt")
+            torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+
+    def load_state(self, directory: Path, model, optimizer) -> None:
+        """Restore what `save_state` wrote into `model` and `optimizer` (in place)."""
+        parameters = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in torch.load(directory / "weights.pt", weights_only=True).items():
+                parameters[name].copy_(tensor)
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
 
     def close(self) -> None:
         pass
@@ -151,7 +185,6 @@ class DeepSpeed(DataParallel):
     """DeepSpeed ZeRO (stage 2 or 3) around tunelab's model and torch AdamW, config from `zero.deepspeed_config`."""
 
     local_gradients = False  # ZeRO keeps gradients in its own partitioned buffers: .grad stays None
-    checkpointable = False  # ZeRO's optimizer state (and ZeRO-3's weights) are partitioned across ranks
 
     def __init__(self, train: TrainConfig):
         self.config = deepspeed_config(train)
@@ -187,4 +220,15 @@ class DeepSpeed(DataParallel):
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+    def save_state(self, directory: Path, model, optimizer) -> None:
+        # every rank writes its partition of the optimizer state (and of ZeRO-3's weights); frozen weights stay out
+        self.engine.save_checkpoint(str(directory), tag="deepspeed", exclude_frozen_parameters=True,
+                                    save_latest=False)  # tunelab's manifest says which checkpoint is good
+
+    def load_state(self, directory: Path, model, optimizer) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag="deepspeed", load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}/deepspeed")
 
