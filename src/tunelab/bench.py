@@ -159,7 +159,7 @@ def run_budget(case: Case, *, budget_gib: float, steps: int, seq_len: int, start
 
 
 def run_peer_budget(peer: Path, arch: str, method: str, *, budget_gib: float, steps: int, seq_len: int, start: int,
-                    model_root: Path, out: Path, timeout: int = 420) -> list[dict]:
+                    model_root: Path, out: Path, timeout: int = 200) -> list[dict]:
     """The peer's probes under the same cap (`python -m tunelab.budget`); its log goes to `out`."""
     import json
     import subprocess

@@ -2,7 +2,7 @@
 under a CUDA memory cap, for tunelab (`tunelab.bench --memory-budget-gib`) and for a peer script.
 
 `largest_fitting` searches batch sizes: doubling from `start` until one runs out of memory, then halving the gap
-between the largest that fitted and the smallest that did not, down to `resolution` of the former. The peer's
+between the largest that fitted and the smallest that did not, down to `resolution` (a third) of the former. The peer's
 side runs as `python -m tunelab.budget --peer PATH ...`: one process that caps its memory with
 `torch.cuda.set_per_process_memory_fraction`, loads the peer script as a module (its own `main` is not run) and
 calls its `measure` once per probed batch size, printing one `RESULT <json>` line per probe. This module imports
@@ -23,7 +23,7 @@ def out_of_memory(error: str | None) -> bool:
     return bool(error) and ("OutOfMemoryError" in error or "out of memory" in error.lower())
 
 
-def largest_fitting(probe: Callable[[int], dict], start: int, limit: int, resolution: float = 0.25) -> list[dict]:
+def largest_fitting(probe: Callable[[int], dict], start: int, limit: int, resolution: float = 1 / 3) -> list[dict]:
     """Every probe's result (each with `batch`, `fits`), in the order run. `probe(batch)` returns a dict with
     `error` on failure; a failure other than running out of memory ends the search."""
     results, fitted, failed, batch = [], 0, None, start
