@@ -74,7 +74,7 @@ def run_bench(cases: list[Case], *, steps: int, batch_size: int, seq_len: int, m
               out: Path | None, sides: tuple[str, ...] = ("tunelab", "baseline"), skips: dict = SKIPS,
               variable_lengths: bool = False, windows: int = 1, call: str = "", peer: Path | None = None,
               commit: str | None = None, budget_cases: list[Case] = (), budget_gib: float = 15.0,
-              budget_steps: int = 8, budget_start: int = 16) -> list[dict]:
+              budget_steps: int = 8, budget_start: int = 16, budget_peer_timeout: int = 200) -> list[dict]:
     """Run every case on both sides (and the peer, with `peer`); then each of `budget_cases` under a `budget_gib`
     memory cap (tunelab and the peer: the largest micro-batch that fits, `run_budget`); print the table; write
     bench.json and results.jsonl (issue 12's rows) into `out` when given."""
@@ -118,10 +118,18 @@ def run_bench(cases: list[Case], *, steps: int, batch_size: int, seq_len: int, m
             if out:
                 save()
     for case in budget_cases:
-        budgets.append(run_budget(case, budget_gib=budget_gib, steps=budget_steps, seq_len=seq_len, start=budget_start,
-                                  model_root=model_root, device=device, peer=peer, out=out or Path(".")))
+        search = run_budget(case, budget_gib=budget_gib, steps=budget_steps, seq_len=seq_len, start=budget_start,
+                            model_root=model_root, device=device)
+        budgets.append(search)
         if out:
             save()
+        if peer is not None and case.method == "lora" and case.quantization in ("nf4", "none"):
+            search["peer"] = run_peer_budget(peer, case.arch, "qlora" if case.quantization == "nf4" else "lora",
+                                             budget_gib=budget_gib, steps=budget_steps, seq_len=seq_len,
+                                             start=budget_start, model_root=model_root, out=out or Path("."),
+                                             timeout=budget_peer_timeout)
+            if out:
+                save()
     print(table(rows, env))
     summary = pooled(rows)
     if any(item["runs"] > 1 for item in summary):
@@ -130,10 +138,10 @@ def run_bench(cases: list[Case], *, steps: int, batch_size: int, seq_len: int, m
 
 
 def run_budget(case: Case, *, budget_gib: float, steps: int, seq_len: int, start: int, model_root: Path,
-               device: torch.device, peer: Path | None, out: Path, limit: int = 256) -> dict:
-    """The largest micro-batch of `seq_len` tokens that trains `case` under a `budget_gib` CUDA memory cap
-    (torch.cuda.set_per_process_memory_fraction), with its tokens/s: tunelab in this process (each probe from a fresh
-    load), and the peer's own `measure` in one capped child process (tunelab.budget)."""
+               device: torch.device, limit: int = 256) -> dict:
+    """The largest micro-batch of `seq_len` tokens that trains `case` through tunelab under a `budget_gib` CUDA
+    memory cap (torch.cuda.set_per_process_memory_fraction), with its tokens/s; each probe from a fresh load.
+    The peer's side: `run_peer_budget`."""
     path = build_model(case.arch, model_root, device)
     vocab = ARCHITECTURES[case.arch]["vocab_size"]
     result = {"case": asdict(case), "budget_gib": budget_gib, "seq_len": seq_len, "steps": steps}
@@ -151,16 +159,13 @@ def run_budget(case: Case, *, budget_gib: float, steps: int, seq_len: int, start
         result["tunelab"] = budget.largest_fitting(probe, start, limit)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
-    if peer is not None and case.method == "lora" and case.quantization in ("nf4", "none"):
-        result["peer"] = run_peer_budget(peer, case.arch, "qlora" if case.quantization == "nf4" else "lora",
-                                         budget_gib=budget_gib, steps=steps, seq_len=seq_len, start=start,
-                                         model_root=model_root, out=out)
     return result
 
 
 def run_peer_budget(peer: Path, arch: str, method: str, *, budget_gib: float, steps: int, seq_len: int, start: int,
                     model_root: Path, out: Path, timeout: int = 200) -> list[dict]:
-    """The peer's probes under the same cap (`python -m tunelab.budget`); its log goes to `out`."""
+    """The peer's probes under the same cap, in one child process (`python -m tunelab.budget`: the peer script's own
+    `measure` per probe); its log goes to `out`."""
     import json
     import subprocess
 
@@ -630,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-quantization", nargs="+", choices=["none", "nf4"], default=["nf4"])
     parser.add_argument("--budget-steps", type=int, default=8, help="steps per probed batch size; the first 3 warm up")
     parser.add_argument("--budget-start", type=int, default=16, help="first batch size probed (then doubled)")
+    parser.add_argument("--budget-peer-timeout", type=int, default=200,
+                        help="seconds for the peer's budget search (the probes finished by then are kept)")
     parser.add_argument("--memory-fraction", type=float,
                         help="cap this process's CUDA memory (torch.cuda.set_per_process_memory_fraction), "
                              "e.g. 15/141 for a 16 GB card")
@@ -649,7 +656,8 @@ def main(argv: list[str] | None = None) -> int:
               out=args.out, sides=tuple(args.sides) + (("control",) if args.control else ()),
               skips={} if args.try_skipped else SKIPS, variable_lengths=args.variable_lengths, windows=args.windows,
               call=args.call, peer=args.peer, commit=args.commit, budget_cases=budget_cases,
-              budget_gib=args.memory_budget_gib or 0.0, budget_steps=args.budget_steps, budget_start=args.budget_start)
+              budget_gib=args.memory_budget_gib or 0.0, budget_steps=args.budget_steps, budget_start=args.budget_start,
+              budget_peer_timeout=args.budget_peer_timeout)
     return 0
 
 
