@@ -77,7 +77,8 @@ def budget_table(rows: list[dict]) -> str:
     lines = ["## Under a memory budget (issue 12: the largest micro-batch that trains under a CUDA memory cap)", "",
              "`torch.cuda.set_per_process_memory_fraction(budget / card memory)`; micro-batches of the sequence "
              "length shown, probed by doubling until one runs out of memory, then halving the gap (✓ fits, ✗ out of "
-             "memory). ÷ unsloth: tokens per micro-batch ratio / tok/s ratio, same call.", "",
+             "memory). tok/s: the largest probe's median step after 3 warm-up steps; range: over its timed steps. "
+             "÷ unsloth: tokens per micro-batch ratio / tok/s ratio, same call.", "",
              "| call | model | method | quant | budget GiB | side | largest batch × seq | tokens per micro-batch "
              "| tok/s (median) | range | peak GiB | reserved GiB | checkpointing | probes | ÷ unsloth |",
              "|---|---|---|---|---:|---|---|---:|---:|---|---:|---:|---|---|---:|"]
