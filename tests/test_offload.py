@@ -94,3 +94,20 @@ def test_offload_resolves_per_device_and_the_config_refuses_what_cannot_apply():
         TrainConfig(checkpoint_offload="on")
     with pytest.raises(ValueError, match="checkpoint_offload"):
         TrainConfig(gradient_checkpointing=True, checkpoint_offload="yes")
+
+
+def test_train_metrics_record_the_checkpointing_that_ran(tiny_base, tiny_tokens, tmp_path):
+    from tunelab.artifacts import read_json
+    from tunelab.config import Run, TrainConfig
+    from tunelab.train import run_train
+
+    recorded = {}
+    for offloaded in ("on", "auto"):
+        config = TrainConfig(method="lora", gradient_checkpointing=True, checkpoint_offload=offloaded, max_steps=3,
+                             micro_batch_size=4, eval_every=3, log_every=3, tracking=[])
+        run_train(Run(name=f"offload-{offloaded}", model="tiny", train=config), tiny_base, tiny_tokens / "tokens",
+                  tmp_path / offloaded)
+        recorded[offloaded] = read_json(tmp_path / offloaded / "train_metrics.json")
+    assert recorded["on"]["checkpointing"] == "offload" and recorded["auto"]["checkpointing"] == "recompute"
+    for (_, offloaded), (_, recomputed) in zip(recorded["on"]["loss_curve"], recorded["auto"]["loss_curve"]):
+        assert offloaded == pytest.approx(recomputed, rel=1e-5)
