@@ -35,7 +35,8 @@ def _config(row: dict) -> tuple:
 def speed_tables(rows: list[dict]) -> str:
     by_call: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
-        by_call[row["call"]].append(row)
+        if "memory_budget_gib" not in row:  # the budget search's rows have their own table
+            by_call[row["call"]].append(row)
     parts = []
     for call, members in by_call.items():
         first = members[0]
@@ -66,6 +67,34 @@ def speed_tables(rows: list[dict]) -> str:
                  "same call and shape. MFU: matmul FLOPs per token (4·N frozen base, 6·N full, N the matmul "
                  "weights with the head, plus causal attention; recomputation not counted) × tokens/s ÷ 790 TFLOP/s.")
     return "\n".join(parts)
+
+
+def budget_table(rows: list[dict]) -> str:
+    """The memory-budget search's rows (bench --memory-budget-gib): per call and config, each side's largest
+    micro-batch under the cap, its tokens/s and the probes tried; ratios against Unsloth of the same call."""
+    rows = [row for row in rows if "memory_budget_gib" in row]
+    if not rows:
+        return ""
+    lines = ["## Under a memory budget (issue 12: the largest micro-batch that trains under a CUDA memory cap)", "",
+             "`torch.cuda.set_per_process_memory_fraction(budget / card memory)`; micro-batches of the sequence "
+             "length shown, probed by doubling until one runs out of memory, then halving the gap (✓ fits, ✗ out of "
+             "memory). tok/s: the largest probe's median step after 3 warm-up steps; range: over its timed steps. "
+             "÷ unsloth: tokens per micro-batch ratio / tok/s ratio, same call.", "",
+             "| call | model | method | quant | budget GiB | side | largest batch × seq | tokens per micro-batch "
+             "| tok/s (median) | range | peak GiB | reserved GiB | checkpointing | probes | ÷ unsloth |",
+             "|---|---|---|---|---:|---|---|---:|---:|---|---:|---:|---|---|---:|"]
+    key = lambda r: (r["call"], r["model"], r["method"], r["quantization"], r["memory_budget_gib"])  # noqa: E731
+    for row in rows:
+        peer = next((r for r in rows if key(r) == key(row) and r["side"] == "unsloth"), None)
+        ratio = "" if peer is None or peer is row else (
+            f"{row['batch'] * row['seq'] / (peer['batch'] * peer['seq']):.2f} / {row['tok_s'] / peer['tok_s']:.3f}")
+        probes = ", ".join(f"{p['batch']} {'✓' if p['fits'] else '✗'}" for p in row.get("probes", []))
+        lines.append(f"| {row['call']} | {row['model']} | {row['method']} | {row['quantization']} "
+                     f"| {row['memory_budget_gib']:g} | {row['side']} | {row['batch']} × {row['seq']} "
+                     f"| {row['batch'] * row['seq']:,} | {row['tok_s']:,.0f} | {row['tok_s_range'][0]:,.0f}–"
+                     f"{row['tok_s_range'][1]:,.0f} | {row['peak_gib']:.2f} | {row['reserved_gib']:.2f} "
+                     f"| {row.get('checkpointing', '')} | {probes} | {ratio} |")
+    return "\n".join(lines + [""])
 
 
 def _percent(value: float | None) -> str:
@@ -131,7 +160,7 @@ def render(results: Path, checks: Path, generation_checks: Path) -> str:
     training = [row for row in rows if row.get("task", "training") == "training"]
     generation = [row for row in rows if row.get("task") == "generation"]
     return "\n".join([BEGIN, "## Side by side with Unsloth (issue 12; generated from benchmarks/results.jsonl)", "",
-                      speed_tables(training), "",
+                      speed_tables(training), "", budget_table(training), "",
                       "### Fast path equals the plain path (benchmarks/checks.jsonl, `python -m tunelab.kernels.check`)",
                       "", "20 LoRA steps (lr 1e-3, no clipping) on a small Qwen2 first trained until confident; "
                       "pass: every step's loss within 1 % of the plain path's while the loss falls ≥ 10 %, first-step "

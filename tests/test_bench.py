@@ -118,3 +118,59 @@ def test_generation_rows_render_in_their_own_table_with_the_ratio_to_plain(tmp_p
     generation = text.split("## Evaluation generation")[1]
     assert "| qwen2.5-7b | 32 | 128 + 256 | tunelab | static | 4,500 | 4,400–4,600 | 3 | 256–256 |" in generation
     assert "| 4.50× |" in generation and "4,500" not in text.split("## Evaluation generation")[0]
+
+
+def test_budget_search_finds_the_largest_batch_that_fits():
+    """Doubling until out of memory, then halving the gap; any other error ends the search."""
+    from tunelab.budget import largest_fitting
+
+    def probe(largest):
+        return lambda batch: {} if batch <= largest else {"error": "OutOfMemoryError: CUDA out of memory. Tried ..."}
+    tried = lambda results: [(r["batch"], r["fits"]) for r in results]  # noqa: E731
+    assert tried(largest_fitting(probe(27), 16, 256)) == [(16, True), (32, False), (24, True)]
+    assert tried(largest_fitting(probe(27), 16, 256, resolution=0.25)) == [(16, True), (32, False), (24, True),
+                                                                          (28, False)]
+    assert tried(largest_fitting(probe(100), 16, 256)) == [(16, True), (32, True), (64, True), (128, False),
+                                                           (96, True)]
+    assert tried(largest_fitting(probe(8), 16, 256)) == [(16, False), (8, True), (12, False), (10, False)]
+    assert tried(largest_fitting(probe(1000), 16, 64)) == [(16, True), (32, True), (64, True)]
+    assert tried(largest_fitting(lambda batch: {"error": "ValueError: bad"}, 16, 256)) == [(16, False)]
+
+
+def test_budget_rows_record_the_largest_fitting_batch_and_every_probe(tmp_path):
+    import importlib.util
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from tunelab.bench import Case, budget_records
+
+    fits = lambda batch, period, peak: {"batch": batch, "fits": True, "tokens_per_step": batch * 1024,  # noqa: E731
+                                        "step_seconds": [period] * 5, "tokens_per_second": batch * 1024 / period,
+                                        "peak_memory_gib": peak, "peak_reserved_gib": peak + 0.5, "kernels": "liger",
+                                        "checkpointing": "offload", "load_seconds": 3.0, "first_step_seconds": 1.0}
+    oom = lambda batch: {"batch": batch, "fits": False, "error": "OutOfMemoryError: CUDA out of memory"}  # noqa: E731
+    peer = dict(fits(24, 2.0, 13.0), settings={"gradient_checkpointing": "unsloth"}, import_seconds=30.0,
+                first_steps_seconds=[20.0, 2.0, 2.0])
+    budgets = [{"case": asdict(Case("qwen2.5-7b", "lora", "nf4", "sdpa", kernels="liger")), "budget_gib": 15.0,
+                "memory_fraction": 0.1068, "tunelab": [fits(16, 1.6, 11.0), oom(32), fits(24, 2.5, 14.2)],
+                "peer": [fits(16, 1.4, 10.0), oom(32), peer]}]
+    env = {"device_name": "NVIDIA H200", "date": "2026-12-01 00:00 UTC", "commit": "abc1234"}
+    rows = budget_records(budgets, call="c2", env=env, seq_len=1024)
+    assert [(r["side"], r["batch"], r["seq"]) for r in rows] == [("tunelab", 24, 1024), ("unsloth", 24, 1024)]
+    assert rows[0]["tok_s"] == 24 * 1024 / 2.5 and rows[0]["peak_gib"] == 14.2 and rows[0]["memory_budget_gib"] == 15
+    assert [p["batch"] for p in rows[0]["probes"]] == [16, 32, 24] and rows[0]["probes"][1]["fits"] is False
+    assert rows[0]["checkpointing"] == "offload" and rows[1]["checkpointing"] == "unsloth (offloaded)"
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = importlib.util.spec_from_file_location("render", Path(__file__).parents[1] / "benchmarks" / "render.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text("# Title\n")
+    assert render.main(["--results", str(results), "--checks", str(tmp_path / "none.jsonl"),
+                        "--markdown", str(markdown)]) == 0
+    text = markdown.read_text()
+    # the budget table: largest batch x seq, tokens per micro-batch, tok/s, and tunelab against Unsloth
+    assert "| qwen2.5-7b | lora | nf4 | 15 | tunelab | 24 × 1024 | 24,576 | 9,830 |" in text
+    assert "16 ✓, 32 ✗, 24 ✓" in text and "| 1.00 / 0.800 |" in text
+    assert "### Call `c2`" not in text  # budget rows stay out of the fixed-shape tables

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from tunelab import kernels, modeling, train
+from tunelab import budget, kernels, modeling, offload, train
 from tunelab.artifacts import atomic_dir, write_json, write_jsonl
 from tunelab.batches import real_tokens
 from tunelab.config import AdaLoraConfig, LoraConfig, ProfileConfig, TrainConfig
@@ -61,21 +61,25 @@ class Case:
     attention: str
     packing: bool = False  # tunelab's side packs; the plain loop always pads
     kernels: str = "auto"  # tunelab's side's train.kernels; the plain loop has none
+    offload: str = "auto"  # tunelab's side's train.checkpoint_offload; the plain loop recomputes on the GPU
 
     @property
     def name(self) -> str:
         return (f"{self.arch} {self.method} {self.quantization} {self.attention}" + (" packed" if self.packing else "")
-                + ("" if self.kernels == "auto" else f" kernels={self.kernels}"))
+                + ("" if self.kernels == "auto" else f" kernels={self.kernels}")
+                + ("" if self.offload == "auto" else f" offload={self.offload}"))
 
 
 def run_bench(cases: list[Case], *, steps: int, batch_size: int, seq_len: int, model_root: Path,
               out: Path | None, sides: tuple[str, ...] = ("tunelab", "baseline"), skips: dict = SKIPS,
               variable_lengths: bool = False, windows: int = 1, call: str = "", peer: Path | None = None,
-              commit: str | None = None) -> list[dict]:
-    """Run every case on both sides (and the peer, with `peer`); print the table; write bench.json and
-    results.jsonl (issue 12's rows) into `out` when given."""
+              commit: str | None = None, budget_cases: list[Case] = (), budget_gib: float = 15.0,
+              budget_steps: int = 8, budget_start: int = 16, budget_peer_timeout: int = 200) -> list[dict]:
+    """Run every case on both sides (and the peer, with `peer`); then each of `budget_cases` under a `budget_gib`
+    memory cap (tunelab and the peer: the largest micro-batch that fits, `run_budget`); print the table; write
+    bench.json and results.jsonl (issue 12's rows) into `out` when given."""
     device = modeling.device()
-    rows, peers = [], []
+    rows, peers, budgets = [], [], []
     env = dict(environment(device), commit=commit)
 
     def save() -> None:
@@ -83,9 +87,10 @@ def run_bench(cases: list[Case], *, steps: int, batch_size: int, seq_len: int, m
             steps=steps, batch_size=batch_size, seq_len=seq_len, variable_lengths=variable_lengths,
             lora=LORA.model_dump(), adalora=ADALORA, windows=windows,
             learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM), "rows": rows, "pooled": pooled(rows),
-            "peers": peers})
+            "peers": peers, "budgets": budgets})
         write_jsonl(out / "results.jsonl", records(rows, peers, call=call, env=env, batch_size=batch_size,
-                                                   seq_len=seq_len, windows=windows))
+                                                   seq_len=seq_len, windows=windows)
+                    + budget_records(budgets, call=call, env=env, seq_len=seq_len))
     for index, case in enumerate(cases):
         row = {"case": asdict(case), "name": case.name}
         if (case.arch, case.method) in skips or (case.method == "full" and case.quantization != "none"):
@@ -112,11 +117,70 @@ def run_bench(cases: list[Case], *, steps: int, batch_size: int, seq_len: int, m
                               model_root=model_root, out=out or Path("."))
             if out:
                 save()
+    for case in budget_cases:
+        search = run_budget(case, budget_gib=budget_gib, steps=budget_steps, seq_len=seq_len, start=budget_start,
+                            model_root=model_root, device=device)
+        budgets.append(search)
+        if out:
+            save()
+        if peer is not None and case.method == "lora" and case.quantization in ("nf4", "none"):
+            search["peer"] = run_peer_budget(peer, case.arch, "qlora" if case.quantization == "nf4" else "lora",
+                                             budget_gib=budget_gib, steps=budget_steps, seq_len=seq_len,
+                                             start=budget_start, model_root=model_root, out=out or Path("."),
+                                             timeout=budget_peer_timeout)
+            if out:
+                save()
     print(table(rows, env))
     summary = pooled(rows)
     if any(item["runs"] > 1 for item in summary):
         print(pooled_table(summary))
     return rows
+
+
+def run_budget(case: Case, *, budget_gib: float, steps: int, seq_len: int, start: int, model_root: Path,
+               device: torch.device, limit: int = 256) -> dict:
+    """The largest micro-batch of `seq_len` tokens that trains `case` through tunelab under a `budget_gib` CUDA
+    memory cap (torch.cuda.set_per_process_memory_fraction), with its tokens/s; each probe from a fresh load.
+    The peer's side: `run_peer_budget`."""
+    path = build_model(case.arch, model_root, device)
+    vocab = ARCHITECTURES[case.arch]["vocab_size"]
+    result = {"case": asdict(case), "budget_gib": budget_gib, "seq_len": seq_len, "steps": steps}
+
+    def probe(batch: int) -> dict:
+        examples = synthetic_examples(vocab, steps * batch, seq_len)
+        measured = _measure("tunelab", path, case, examples, steps=steps, batch_size=batch, device=device)
+        log.info("budget %s GiB, %s, batch %d: %s", budget_gib, case.name, batch,
+                 measured.get("error") or f"{measured['tokens_per_second']:,.0f} tok/s, "
+                                          f"{measured['peak_memory_gib']:.2f} GiB")
+        return measured
+
+    result["memory_fraction"] = budget.cap_memory(budget_gib)
+    try:
+        result["tunelab"] = budget.largest_fitting(probe, start, limit)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    return result
+
+
+def run_peer_budget(peer: Path, arch: str, method: str, *, budget_gib: float, steps: int, seq_len: int, start: int,
+                    model_root: Path, out: Path, timeout: int = 200) -> list[dict]:
+    """The peer's probes under the same cap, in one child process (`python -m tunelab.budget`: the peer script's own
+    `measure` per probe); its log goes to `out`."""
+    import json
+    import subprocess
+
+    command = [sys.executable, "-m", "tunelab.budget", "--peer", str(peer), "--arch", arch, "--method", method,
+               "--model-root", str(model_root), "--steps", str(steps), "--seq-len", str(seq_len),
+               "--budget-gib", str(budget_gib), "--start", str(start)]
+    log.info("peer budget: %s", " ".join(command))
+    try:
+        output = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                timeout=timeout).stdout
+    except subprocess.TimeoutExpired as err:  # keep the probes that finished
+        output = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+    (out / f"peer-budget-{arch}-{method}.log").write_text(output)
+    probes = [json.loads(line[len("RESULT "):]) for line in output.splitlines() if line.startswith("RESULT ")]
+    return [dict(p, fits="error" not in p) for p in probes]
 
 
 def build_model(arch: str, root: Path, device: torch.device) -> Path:
@@ -184,7 +248,7 @@ def _train_config(case: Case, steps: int, batch_size: int) -> TrainConfig:
     edge = min(2, (steps - 1) // 2)  # AdaLoRA's tinit/tfinal; a budgeting phase must remain
     return TrainConfig(
         method=case.method, quantization=case.quantization, attention=case.attention, packing=case.packing,
-        precision="bf16", kernels=case.kernels, lora=LORA, adalora=AdaLoraConfig(**ADALORA, tinit=edge, tfinal=edge),
+        precision="bf16", kernels=case.kernels, checkpoint_offload=case.offload, lora=LORA, adalora=AdaLoraConfig(**ADALORA, tinit=edge, tfinal=edge),
         micro_batch_size=batch_size, max_steps=steps, learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM,
         warmup_steps=0, lr_scheduler="constant_with_warmup", gradient_checkpointing=True, eval_every=steps,
         log_every=steps, profile=ProfileConfig(steps=0))
@@ -201,7 +265,8 @@ def _tunelab(path: Path, case: Case, examples: list[dict], *, steps: int, batch_
     losses = [loss for _, loss in metrics["loss_curve"]]
     return {"fit_tokens_per_second": metrics["tokens_per_second"], "peak_memory_gib": metrics["peak_memory_gib"],
             "peak_reserved_gib": metrics["peak_reserved_gib"], "padding_fraction": metrics["padding_fraction"],
-            "losses": losses, "kernels": kernels.applied(model), "load_seconds": loaded - started, "fit_started": loaded,
+            "losses": losses, "kernels": kernels.applied(model), "checkpointing": offload.applied(model),
+            "load_seconds": loaded - started, "fit_started": loaded,
             "finite": all(map(math.isfinite, losses)), "trainable_parameters": metrics["trainable_parameters"]}
 
 
@@ -427,7 +492,8 @@ def records(rows: list[dict], peers: list[dict], *, call: str, env: dict, batch_
         out.append(_record(common, side=SIDE_NAMES[side], case=case, tok_s=tokens / statistics.median(periods),
                            ranges=ranges, peak=max(r["peak_memory_gib"] for r in results),
                            reserved=max(r["peak_reserved_gib"] for r in results),
-                           kernels=results[0].get("kernels", "none"), checkpointing=CHECKPOINTING[side],
+                           kernels=results[0].get("kernels", "none"),
+                           checkpointing=results[0].get("checkpointing", CHECKPOINTING[side]),
                            one_time={"load_s": _median(r.get("load_seconds") for r in results),
                                      "first_step_s": _median(r.get("first_step_seconds") for r in results)},
                            extra={"role": "control"} if side == "control" else {}))
@@ -444,6 +510,43 @@ def records(rows: list[dict], peers: list[dict], *, call: str, env: dict, batch_
                            one_time={"import_s": peer.get("import_seconds"), "load_s": peer.get("load_seconds"),
                                      "first_step_s": (peer.get("first_steps_seconds") or [None])[0]},
                            extra={"peer_versions": {k: peer["versions"].get(k) for k in ("unsloth", "unsloth_zoo")}}))
+    return out
+
+
+def budget_records(budgets: list[dict], *, call: str, env: dict, seq_len: int) -> list[dict]:
+    """results.jsonl's rows of the memory-budget search: per side, the largest micro-batch that fitted, its
+    tokens/s (median step; the range over the timed steps, each its own repeat) and every probe tried."""
+    out = []
+    common = dict(call=call, card=env["device_name"], gpus=1, seq=seq_len, commit=env.get("commit"), date=env["date"])
+    for search in budgets:
+        case = Case(**search["case"])
+        for side in ("tunelab", "peer"):
+            probes = search.get(side) or []
+            fitted = [p for p in probes if p["fits"] and p.get("step_seconds")]
+            if not fitted:
+                continue
+            best = max(fitted, key=lambda p: p["batch"])
+            tokens = best["tokens_per_step"]
+            peer = side == "peer"
+            one_time = ({"import_s": best.get("import_seconds"), "load_s": best.get("load_seconds"),
+                         "first_step_s": (best.get("first_steps_seconds") or [None])[0]} if peer else
+                        {"load_s": best.get("load_seconds"), "first_step_s": best.get("first_step_seconds")})
+            checkpointing = (best["settings"]["gradient_checkpointing"] + " (offloaded)"
+                             if peer and best["settings"]["gradient_checkpointing"] == "unsloth" else
+                             "recompute" if peer else best.get("checkpointing", "recompute"))
+            tried = [{"batch": p["batch"], "fits": p["fits"], "error": p.get("error"),
+                      "tok_s": round(p["tokens_per_second"], 1) if "tokens_per_second" in p else None,
+                      "peak_gib": round(p["peak_memory_gib"], 3) if "peak_memory_gib" in p else None,
+                      "reserved_gib": round(p["peak_reserved_gib"], 3) if "peak_reserved_gib" in p else None}
+                     for p in probes]
+            out.append(_record(dict(common, batch=best["batch"]), side="unsloth" if peer else "tunelab", case=case,
+                               tok_s=tokens / statistics.median(best["step_seconds"]),
+                               ranges=[tokens / period for period in best["step_seconds"]],
+                               peak=best["peak_memory_gib"], reserved=best["peak_reserved_gib"],
+                               kernels="unsloth" if peer else best.get("kernels", "none"), checkpointing=checkpointing,
+                               one_time={k: None if v is None else round(v, 2) for k, v in one_time.items()},
+                               extra={"memory_budget_gib": search["budget_gib"],
+                                      "memory_fraction": round(search["memory_fraction"], 5), "probes": tried}))
     return out
 
 
@@ -523,6 +626,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--call", default=time.strftime("%Y%m%dT%H%M", time.gmtime()),
                         help="id of this GPU-machine run in results.jsonl")
     parser.add_argument("--commit", default=None, help="tunelab commit measured (results.jsonl)")
+    parser.add_argument("--checkpoint-offload", nargs="+", choices=["auto", "on", "off"], default=["auto"],
+                        help="tunelab's train.checkpoint_offload (one case each)")
+    parser.add_argument("--memory-budget-gib", type=float,
+                        help="after the cases, search the largest micro-batch of --seq-len tokens that trains LoRA "
+                             "with each --budget-quantization under this CUDA memory cap, tunelab (first --kernels "
+                             "and --checkpoint-offload) and the --peer alike")
+    parser.add_argument("--budget-quantization", nargs="+", choices=["none", "nf4"], default=["nf4"])
+    parser.add_argument("--budget-steps", type=int, default=8, help="steps per probed batch size; the first 3 warm up")
+    parser.add_argument("--budget-start", type=int, default=16, help="first batch size probed (then doubled)")
+    parser.add_argument("--budget-peer-timeout", type=int, default=200,
+                        help="seconds for the peer's budget search (the probes finished by then are kept)")
     parser.add_argument("--memory-fraction", type=float,
                         help="cap this process's CUDA memory (torch.cuda.set_per_process_memory_fraction), "
                              "e.g. 15/141 for a 16 GB card")
@@ -533,13 +647,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     if args.memory_fraction and torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
-    cases = [Case(a, m, q, t, k == "on", kernels) for a in args.arch for m in args.method for q in args.quantization
-             for t in args.attention for k in args.packing for kernels in args.kernels
-             if not (m == "full" and q != "none")] * args.repeat
+    cases = [Case(a, m, q, t, k == "on", kernels, offloaded) for a in args.arch for m in args.method
+             for q in args.quantization for t in args.attention for k in args.packing for kernels in args.kernels
+             for offloaded in args.checkpoint_offload if not (m == "full" and q != "none")] * args.repeat
+    budget_cases = [Case(a, "lora", q, args.attention[0], kernels=args.kernels[0], offload=args.checkpoint_offload[0])
+                    for a in args.arch for q in args.budget_quantization] if args.memory_budget_gib else []
     run_bench(cases, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, model_root=args.model_root,
               out=args.out, sides=tuple(args.sides) + (("control",) if args.control else ()),
               skips={} if args.try_skipped else SKIPS, variable_lengths=args.variable_lengths, windows=args.windows,
-              call=args.call, peer=args.peer, commit=args.commit)
+              call=args.call, peer=args.peer, commit=args.commit, budget_cases=budget_cases,
+              budget_gib=args.memory_budget_gib or 0.0, budget_steps=args.budget_steps, budget_start=args.budget_start,
+              budget_peer_timeout=args.budget_peer_timeout)
     return 0
 
 

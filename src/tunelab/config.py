@@ -198,6 +198,10 @@ class TrainConfig(Frozen):
     max_grad_norm: float = Field(1.0, gt=0)
     optimizer: Optimizer = "adamw_torch"
     gradient_checkpointing: bool = False
+    checkpoint_offload: Literal["auto", "on", "off"] = Field(
+        "auto", description="with gradient_checkpointing, keep each layer's input in pinned CPU memory until its "
+                            "backward (on), on the GPU (off), or auto (on for one CUDA process, else off); "
+                            "see tunelab.offload")
     group_by_length: bool = True
     packing: bool = Field(False, description="each micro-batch as one padding-free row (position ids restart per "
                                              "example; best with flash_attention_2)")
@@ -238,6 +242,12 @@ class TrainConfig(Frozen):
         if self.profile.steps and self.profile.start_step > self.max_steps:
             raise ValueError(f"profile.start_step {self.profile.start_step} is after max_steps {self.max_steps}: "
                              "the profiler would never start (lower it, or set profile.steps 0)")
+        if self.checkpoint_offload == "on" and not self.gradient_checkpointing:
+            raise ValueError("checkpoint_offload on offloads the checkpointed layer inputs and needs "
+                             "gradient_checkpointing: true (or set checkpoint_offload: auto)")
+        if self.checkpoint_offload == "on" and self.distributed:
+            raise ValueError("checkpoint_offload on is for one process; with distributed set checkpoint_offload: "
+                             "auto or off")
         if self.distributed:
             self._check_distributed(self.distributed)
         if self.profile.steps and self.profile.start_step + self.profile.steps - 1 > self.max_steps:
@@ -260,8 +270,9 @@ class TrainConfig(Frozen):
                                  f"{self.optimizer}, precision {self.precision} is not supported: {reason}")
 
 
-# TrainConfig fields that change how a run is logged and checkpointed, never its result
-BOOKKEEPING = frozenset({"checkpoint_every", "checkpoint_keep", "log_every", "tracking", "wandb", "mlflow"})
+# TrainConfig fields that change how a run is logged and checkpointed (activations included), never its result
+BOOKKEEPING = frozenset({"checkpoint_every", "checkpoint_keep", "log_every", "tracking", "wandb", "mlflow",
+                         "checkpoint_offload"})
 
 
 class GenerationConfig(Frozen):

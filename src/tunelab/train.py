@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 from transformers import get_scheduler, set_seed
 
-from tunelab import kernels, modeling
+from tunelab import kernels, modeling, offload
 from tunelab.artifacts import atomic_dir, invalidate, read_jsonl, write_json, write_text
 from tunelab.batches import label_tokens, mean_loss, real_tokens, training_batches
 from tunelab.checkpoint import Checkpoints, fingerprint
@@ -55,7 +55,7 @@ def run_train(run: Run, base_dir: Path, tokens_dir: Path, out: Path) -> dict:
         runtime.close()
         return metrics
     metrics.update(run=run.name, model=run.model, base=path, config=run.train.model_dump(),
-                   kernels=kernels.applied(model), **_adalora_budget(model), provenance=provenance())
+                   kernels=kernels.applied(model), checkpointing=offload.applied(model), **_adalora_budget(model), provenance=provenance())
     metrics.update(wall_seconds=metrics["wall_seconds"] + checkpoints.resumed_wall_seconds,
                    resumed_from_step=checkpoints.resumed_step)
     metrics.update(nodes=run.train.distributed.nodes if run.train.distributed else 1,
@@ -83,7 +83,7 @@ def save_trained(model, tokenizer, out: Path, runtime: distributed.Single) -> No
 def attach_method(model, train: TrainConfig):
     """Wrap `model` for the run's method: a PEFT LoRA/AdaLoRA adapter, or all weights trainable."""
     if train.method == "full":
-        return kernels.apply(model, train)
+        return offload.apply(kernels.apply(model, train), train)
     from peft import AdaLoraConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if train.quantization != "none":
@@ -104,7 +104,8 @@ def attach_method(model, train: TrainConfig):
         ada = train.adalora
         config = AdaLoraConfig(init_r=ada.init_r, target_r=ada.target_r, tinit=ada.tinit, tfinal=ada.tfinal,
                                deltaT=ada.delta_t, total_step=train.max_steps, **common)
-    return kernels.apply(get_peft_model(model, config), train)
+    # after prepare_model_for_kbit_training, which sets up checkpointing again
+    return offload.apply(kernels.apply(get_peft_model(model, config), train), train)
 
 
 def fit(model, train_examples: list[dict], validation_examples: list[dict], train: TrainConfig, pad_id: int,
