@@ -17,7 +17,7 @@ from conftest import DEMO, REPO, run_snakemake
 
 RUNS = ["base-tiny", "tiny-lora", "tiny-qlora", "tiny-adalora", "tiny-full"]
 TRAINED = RUNS[1:]
-FAMILIES = {"copy", "reverse", "capitalise", "add"}
+FAMILIES = {"copy", "reverse", "shift", "add"}
 MERGED = [f"{run}.merged" for run in TRAINED]
 EXPORTS = ["tiny-lora.nf4", "tiny-lora.int8", "tiny-lora.pruned_int8"]
 PLOTS = ["loss_curves.png", "quality_vs_memory.png", "quality_vs_speed.png", "latency.png"]
@@ -53,13 +53,14 @@ def test_report_has_one_filled_row_per_run(tiny_study):
     rows = summary(tiny_study)
     assert [row["run"] for row in rows] == RUNS + MERGED + EXPORTS
     for row in rows:
-        for column in ("exact_match", "exact_match_ci95_low", "bleu", "rouge_l", "bertscore_f1", "test_loss"):
+        for column in ("exact_match", "exact_match_ci95_low", "rouge_l", "bertscore_f1", "test_loss"):
             assert row[column] != "", f"{row['run']}: {column} is empty"
+        assert "bleu" not in row, "the tiny study turns BLEU off (one-token answers)"
     for row in rows[1:len(RUNS)]:  # the trained runs
         for column in ("trainable_parameters", "train_tokens_per_second", "padding_fraction", "peak_memory_gib",
-                       "train_wall_seconds", "bleu_delta_vs_base", "bertscore_f1_delta_vs_base", "p_vs_base"):
+                       "train_wall_seconds", "rouge_l_delta_vs_base", "bertscore_f1_delta_vs_base", "p_vs_base"):
             assert row[column] != "", f"{row['run']}: {column} is empty"
-        assert all(0 <= float(row[metric]) <= 100 for metric in ("exact_match", "bleu", "rouge_l", "bertscore_f1"))
+        assert all(0 <= float(row[metric]) <= 100 for metric in ("exact_match", "rouge_l", "bertscore_f1"))
 
 
 def test_fine_tuning_beats_the_untrained_base_on_test_loss(tiny_study):
@@ -85,13 +86,6 @@ def test_the_untrained_base_solves_no_family(tiny_study):
     assert set(base) == FAMILIES and max(base.values()) <= 5, base
 
 
-# The targets of issue 11 item 1 the study does not reach yet (measured 2026-11-30: every trained run stays at
-# 0-4 % exact match per family, full fine-tuning too, also after 1,500 steps). Strict: reaching them fails the
-# mark, which is then removed.
-UNMET = pytest.mark.xfail(strict=True, reason="issue 11: the tiny model does not learn the task families yet")
-
-
-@UNMET
 def test_the_best_run_solves_every_family(tiny_study):
     scores = {run: exact_matches(tiny_study, run) for run in TRAINED}
     best = max(TRAINED, key=lambda run: sum(correct for _, correct in scores[run]))
@@ -99,7 +93,6 @@ def test_the_best_run_solves_every_family(tiny_study):
     assert set(by_family) == FAMILIES and min(by_family.values()) >= 80, (best, by_family)
 
 
-@UNMET
 def test_every_trained_run_beats_the_base_in_a_paired_test(tiny_study):
     base = [correct for _, correct in exact_matches(tiny_study, "base-tiny")]
     for run in TRAINED:
@@ -228,12 +221,27 @@ def test_synthetic_families_are_correct_input_dependent_and_keep_their_category(
     records = alpaca_records(400)
     assert len({(r["instruction"], r["input"], r["output"]) for r in records}) == 400
     for record in records:
-        words = (record["input"] or record["instruction"].split(": ", 1)[1]).split()
-        answer = {"copy": lambda: words, "reverse": lambda: words[::-1],
-                  "capitalise": lambda: [w.capitalize() for w in words],
-                  "add": lambda: [str(int(words[0]) + int(words[2]))]}[record["category"]]
-        assert record["output"].split() == answer(), record
+        operand = record["input"] or record["instruction"].removeprefix("Repeat the number ").removesuffix(".")
+        answer = {"copy": lambda: operand, "reverse": lambda: operand[::-1],
+                  "shift": lambda: "".join(str((int(d) + 1) % 10) for d in operand),
+                  "add": lambda: str(int(operand.split(" + ")[0]) + int(operand.split(" + ")[1]))}[record["category"]]
+        assert record["output"] == answer(), record
     answers = Counter((r["category"], r["output"]) for r in records)
     assert all(count <= 10 for count in answers.values()), answers.most_common(3)
     run_data(DataConfig(source="synthetic:400", test_size=40), tmp_path)
     assert {r["category"] for r in read_jsonl(tmp_path / "test.jsonl")} == FAMILIES
+
+
+def test_the_warm_up_text_holds_the_skills_but_not_the_tasks():
+    """The base's warm-up documents practise every skill, but never show the Alpaca prompt or one of the
+    study's instructions: what the base lacks is what fine-tuning teaches."""
+    from tunelab.synthetic import alpaca_records, generic_text
+
+    documents = generic_text(400)
+    text = "\n".join(documents)
+    for cue in ("again", "backwards", "plus one", "sum"):
+        assert f"### Task: {cue}" in text, cue
+    for marker in ("### Instruction", "### Response", "Below is an instruction"):
+        assert marker not in text, marker
+    for instruction in {record["instruction"] for record in alpaca_records(400)}:
+        assert instruction not in text, instruction

@@ -1,52 +1,57 @@
 """Deterministic synthetic data for the tiny study: short, learnable Alpaca-format tasks and generic text.
 
 `alpaca_records(n, seed)` gives instruction/input/output records of four task families whose answers
-depend on the input (copy, reverse, capitalise, add), each tagged with its `category`; `generic_text(n, seed)`
-gives plain documents for warming up a random-weight model before the study's runs (no prompt template in them).
+depend on the input (copy, reverse, shift, add), each tagged with its `category`; `generic_text(n, seed)`
+gives plain documents for warming up a random-weight model before the study's runs (no Alpaca prompt in them).
+
+The operands are strings of distinct digits. A byte-level BPE keeps every digit a token of its own, with or
+without a space before it, so an answer reuses the input's tokens; with distinct digits the copying is never
+ambiguous. (Words are different: "apple" at a line start and " apple" inside a line are two tokens, a mapping a
+2-layer model does not learn in a few minutes.)
 """
 
 from __future__ import annotations
 
 import random
 
-WORDS = (
-    "apple river stone cloud green quick house light music paper table water yellow happy small "
-    "bread chair dream field glass heart island lemon money night ocean plant queen robot "
-    "smile tiger under voice winter zebra blue red black white cat dog bird fish tree sun moon star"
-).split()
+
+def _digits(rng: random.Random) -> str:
+    """3 to 6 distinct digits."""
+    return "".join(map(str, rng.sample(range(10), rng.randint(3, 6))))
 
 
-def _numbers(rng: random.Random, count: int) -> list[int]:
-    return [rng.randint(0, 99) for _ in range(count)]
+def _shifted(digits: str) -> str:
+    """Every digit plus one, 9 becoming 0."""
+    return "".join(str((int(d) + 1) % 10) for d in digits)
 
 
-def _words(rng: random.Random, count: int) -> list[str]:
-    return [rng.choice(WORDS) for _ in range(count)]
+def _sum_operands(rng: random.Random) -> tuple[int, int]:
+    """A two-digit number and a digit whose sum has no carry."""
+    units = rng.randint(0, 9)
+    return rng.randint(1, 9) * 10 + units, rng.randint(0, 9 - units)
 
 
 def _copy(rng: random.Random) -> tuple[str, str, str]:
-    words = " ".join(_words(rng, rng.randint(3, 6)))
-    return f"Repeat the words: {words}", "", words  # no input: the template without input is exercised too
+    digits = _digits(rng)
+    return f"Repeat the number {digits}.", "", digits  # no input: the template without input is exercised too
 
 
 def _reverse(rng: random.Random) -> tuple[str, str, str]:
-    words = _words(rng, rng.randint(3, 5))
-    return "Reverse the order of the words.", " ".join(words), " ".join(reversed(words))
+    digits = _digits(rng)
+    return "Reverse the digits.", digits, digits[::-1]
 
 
-def _capitalise(rng: random.Random) -> tuple[str, str, str]:
-    words = _words(rng, rng.randint(2, 4))
-    return "Capitalise every word.", " ".join(words), " ".join(w.capitalize() for w in words)
+def _shift(rng: random.Random) -> tuple[str, str, str]:
+    digits = _digits(rng)
+    return "Add one to every digit (9 becomes 0).", digits, _shifted(digits)
 
 
 def _add(rng: random.Random) -> tuple[str, str, str]:
-    """A two-digit number plus a digit, without a carry: the sum of the units is a fact of the warm-up text."""
-    units = rng.randint(0, 9)
-    a, b = rng.randint(1, 9) * 10 + units, rng.randint(0, 9 - units)
+    a, b = _sum_operands(rng)
     return "Add the two numbers.", f"{a} + {b}", str(a + b)
 
 
-FAMILIES = {"copy": _copy, "reverse": _reverse, "capitalise": _capitalise, "add": _add}
+FAMILIES = {"copy": _copy, "reverse": _reverse, "shift": _shift, "add": _add}
 
 
 def alpaca_records(count: int, seed: int = 0) -> list[dict]:
@@ -71,47 +76,36 @@ def alpaca_records(count: int, seed: int = 0) -> list[dict]:
 
 
 def generic_text(count: int, seed: int = 0) -> list[str]:
-    """`count` plain multi-line documents of the tasks' vocabulary, for language-model warm-up.
+    """`count` plain documents that hold the tasks' skills, for language-model warm-up.
 
-    Like a real pre-training corpus, the prose holds the skills the tasks need (repeated phrases, phrases
-    said backwards and in title case, sums of small numbers), but never an instruction, the prompt template,
-    or an answer that ends at the end of text: the warmed-up base knows the pieces, not the tasks, and scores
-    about 0 on them until it is fine-tuned. Sections under markdown-style headings teach a cold model that
-    text follows a line break, so after fine-tuning it answers a prompt instead of ending it at once.
+    Like a real pre-training corpus, the text holds the skills the tasks need (a number said again, backwards,
+    shifted by one, small sums) in prose and in note-like sections (`### Input:` then `### Backwards:`, or
+    `### Task: backwards` then `### Output:`), but never the Alpaca prompt or one of the study's instructions.
+    The warmed-up base has the skills but does not know what the study's instructions ask: it scores about 0
+    until it is fine-tuned, and a few hundred fine-tuning steps then map each instruction onto its skill.
     """
     rng = random.Random(seed + 1)
 
-    def phrase() -> list[str]:
-        return _words(rng, rng.randint(2, 6))
+    def section(cue: str, operand: str, result: str, prose: str) -> str:
+        return rng.choice([prose, f"### Input:\n{operand}\n\n### {cue.capitalize()}:\n{result}",
+                           f"### Task: {cue}\n\n### Input:\n{operand}\n\n### Output:\n{result}"])
 
-    def said_twice() -> str:
-        words = " ".join(phrase())
-        return f"{words}, {words}."
+    def again() -> str:
+        digits = _digits(rng)
+        return rng.choice([section("again", digits, digits, f"{digits}, again {digits}."),
+                           f"### Task: again {digits}\n\n### Output:\n{digits}"])  # inline, as the copy task has it
 
-    def said_backwards() -> str:
-        words = phrase()
-        return f"{' '.join(words)}, backwards {' '.join(reversed(words))}."
+    def backwards() -> str:
+        digits = _digits(rng)
+        return section("backwards", digits, digits[::-1], f"{digits} backwards is {digits[::-1]}.")
 
-    def in_title_case() -> str:
-        words = phrase()
-        return f"{' '.join(words)}, or {' '.join(w.capitalize() for w in words)}."
+    def plus_one() -> str:
+        digits = _digits(rng)
+        return section("plus one", digits, _shifted(digits), f"{digits} plus one is {_shifted(digits)}.")
 
-    def a_sum() -> str:
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        return f"{a} plus {b} is {a + b}."
+    def total() -> str:
+        a, b = _sum_operands(rng)
+        return section("sum", f"{a} + {b}", str(a + b), f"{a} plus {b} is {a + b}.")
 
-    sentences = (
-        lambda: f"The {rng.choice(WORDS)} is near the {rng.choice(WORDS)}.",
-        lambda: " ".join(_words(rng, rng.randint(3, 8))) + ".",
-        lambda: " ".join(map(str, _numbers(rng, rng.randint(3, 6)))),
-        said_twice, said_backwards, in_title_case, a_sum,
-    )
-    documents = []
-    for _ in range(count):
-        sections = []
-        for _ in range(rng.randint(1, 3)):
-            body = " ".join(rng.choice(sentences)() for _ in range(rng.randint(1, 3)))
-            heading = rng.choice(["", f"### {rng.choice(WORDS).capitalize()}:\n", f"{rng.choice(WORDS).capitalize()}:\n"])
-            sections.append(heading + body)
-        documents.append("\n\n".join(sections))
-    return documents
+    skills = (again, backwards, plus_one, total)
+    return ["\n\n".join(rng.choice(skills)() for _ in range(rng.randint(2, 5))) for _ in range(count)]
