@@ -32,7 +32,11 @@ def test_real_config_expands_its_grid():
     assert qlora.train.precision == "bf16" and qlora.train.lora.r == 16  # study defaults reach every run
     assert study.data.source.startswith("hf:tatsu-lab/alpaca@") and study.data.train_fraction == 0.2
     assert study.models["qwen1.5b"].source.startswith("hf:Qwen/Qwen2.5-1.5B-Instruct@")
-    assert study.reference_runs == ["base-qwen1.5b", "base-qwen7b"]
+    assert study.reference_runs == ["base-qwen1.5b", "base-qwen1.5b.nf4", "base-qwen1.5b.int8",
+                                    "base-qwen7b", "base-qwen7b.nf4", "base-qwen7b.int8"]
+    assert study.base_row("qwen7b-lora-nf4") == "base-qwen7b.nf4" and study.base_row("qwen1.5b-full") == "base-qwen1.5b"
+    assert study.reference_settings("base-qwen7b.nf4").precision == "bf16"
+    assert study.reference_settings("base-qwen7b") is None
 
 
 def test_tiny_study_validates_from_the_cli(capsys):
