@@ -435,8 +435,9 @@ class _StudyFile(Frozen):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     exports: ExportConfig = Field(default_factory=ExportConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
-    quantized_base_rows: bool = Field(True, description="also an untrained row base-<model>.<nf4|int8> per quantization "
-                                                        "a run trains with: the quantized base QLoRA starts from")
+    quantized_base_rows: bool = Field(
+        True, description="also an untrained row base-<model>.<nf4|int8> per quantization a run trains with: "
+                          "the quantized base that QLoRA starts from, which those runs are measured against")
 
 
 GRID_KEYS = ("model", "method", "quantization", "attention", "precision")
