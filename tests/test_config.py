@@ -62,7 +62,8 @@ BAD = [  # (change to the tiny study, text the error must contain)
     ({"models": {"tiny": {"source": "/no/such/model"}}}, "expected hf:<id>[@<revision>], tiny, an existing model directory"),
     ({"exports": {"formats": ["nf4"], "runs": ["tiny-dora"]}}, "exports.runs: 'tiny-dora' is not a run"),
     ({"exports": {"formats": ["gguf"]}}, "exports.formats.0: Input should be 'nf4', 'int8' or 'pruned_int8'"),
-    ({"trian": {}}, "trian: unknown key (allowed: name, data, models, train, runs, generation, metrics, exports, merge)"),
+    ({"trian": {}}, "trian: unknown key (allowed: name, data, models, train, runs, generation, metrics, exports, merge, "
+                    "quantized_base_rows)"),
 ]
 
 
