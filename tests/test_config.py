@@ -32,7 +32,11 @@ def test_real_config_expands_its_grid():
     assert qlora.train.precision == "bf16" and qlora.train.lora.r == 16  # study defaults reach every run
     assert study.data.source.startswith("hf:tatsu-lab/alpaca@") and study.data.train_fraction == 0.2
     assert study.models["qwen1.5b"].source.startswith("hf:Qwen/Qwen2.5-1.5B-Instruct@")
-    assert study.reference_runs == ["base-qwen1.5b", "base-qwen7b"]
+    assert study.reference_runs == ["base-qwen1.5b", "base-qwen1.5b.nf4", "base-qwen1.5b.int8",
+                                    "base-qwen7b", "base-qwen7b.nf4", "base-qwen7b.int8"]
+    assert study.base_row("qwen7b-lora-nf4") == "base-qwen7b.nf4" and study.base_row("qwen1.5b-full") == "base-qwen1.5b"
+    assert study.reference_settings("base-qwen7b.nf4").precision == "bf16"
+    assert study.reference_settings("base-qwen7b") is None
 
 
 def test_tiny_study_validates_from_the_cli(capsys):
@@ -58,7 +62,8 @@ BAD = [  # (change to the tiny study, text the error must contain)
     ({"models": {"tiny": {"source": "/no/such/model"}}}, "expected hf:<id>[@<revision>], tiny, an existing model directory"),
     ({"exports": {"formats": ["nf4"], "runs": ["tiny-dora"]}}, "exports.runs: 'tiny-dora' is not a run"),
     ({"exports": {"formats": ["gguf"]}}, "exports.formats.0: Input should be 'nf4', 'int8' or 'pruned_int8'"),
-    ({"trian": {}}, "trian: unknown key (allowed: name, data, models, train, runs, generation, metrics, exports, merge)"),
+    ({"trian": {}}, "trian: unknown key (allowed: name, data, models, train, runs, generation, metrics, exports, merge, "
+                    "quantized_base_rows)"),
 ]
 
 

@@ -65,7 +65,7 @@ def test_each_state_is_read_from_the_results(results):
     steps = study.run("tiny-lora").train.max_steps
     rows = {r.name: r for r in study_status(study, results)}
     assert {n: (r.stage, r.state) for n, r in rows.items()} == {
-        "base-tiny": ("score", "finished"), "tiny-full": ("score", "finished"),
+        "base-tiny": ("score", "finished"), "base-tiny.nf4": ("generate", "queued"), "tiny-full": ("score", "finished"),
         "tiny-lora": ("train", "running"), "tiny-qlora": ("train", "queued"), "tiny-adalora": ("train", "failed"),
         **{f"{run}.merged": ("generate", "queued") for run in ("tiny-lora", "tiny-qlora", "tiny-adalora", "tiny-full")},
         "tiny-lora.nf4": ("export", "failed"), "tiny-lora.int8": ("export", "queued"),
@@ -96,6 +96,6 @@ def test_status_runs_with_the_core_install_only(results):
                "status", "--config", str(STUDY), "--results", str(results)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("tiny: 1 running, 7 queued, 2 finished, 2 failed")
+    assert result.stdout.startswith("tiny: 1 running, 8 queued, 2 finished, 2 failed")
     steps = load_study(STUDY).run("tiny-lora").train.max_steps
     assert "tiny-lora " in result.stdout and f"40/{steps}" in result.stdout

@@ -15,8 +15,9 @@ import yaml
 from tunelab.artifacts import read_json, read_jsonl
 from conftest import DEMO, REPO, run_snakemake
 
-RUNS = ["base-tiny", "tiny-lora", "tiny-qlora", "tiny-adalora", "tiny-full"]
-TRAINED = RUNS[1:]
+BASES = ["base-tiny", "base-tiny.nf4"]  # the untrained base, and it in nf4 as tiny-qlora loads it
+RUNS = [*BASES, "tiny-lora", "tiny-qlora", "tiny-adalora", "tiny-full"]
+TRAINED = RUNS[len(BASES):]
 FAMILIES = {"copy", "reverse", "shift", "add"}
 MERGED = [f"{run}.merged" for run in TRAINED]
 EXPORTS = ["tiny-lora.nf4", "tiny-lora.int8", "tiny-lora.pruned_int8"]
@@ -56,7 +57,7 @@ def test_report_has_one_filled_row_per_run(tiny_study):
         for column in ("exact_match", "exact_match_ci95_low", "rouge_l", "bertscore_f1", "test_loss"):
             assert row[column] != "", f"{row['run']}: {column} is empty"
         assert "bleu" not in row, "the tiny study turns BLEU off (one-token answers)"
-    for row in rows[1:len(RUNS)]:  # the trained runs
+    for row in rows[len(BASES):len(RUNS)]:  # the trained runs
         for column in ("trainable_parameters", "train_tokens_per_second", "padding_fraction", "peak_memory_gib",
                        "train_wall_seconds", "rouge_l_delta_vs_base", "bertscore_f1_delta_vs_base", "p_vs_base"):
             assert row[column] != "", f"{row['run']}: {column} is empty"
@@ -66,8 +67,11 @@ def test_report_has_one_filled_row_per_run(tiny_study):
 def test_fine_tuning_beats_the_untrained_base_on_test_loss(tiny_study):
     rows = {row["run"]: row for row in summary(tiny_study)}
     base = float(rows["base-tiny"]["test_loss"])
+    assert float(rows["base-tiny.nf4"]["test_loss"]) != base  # 4-bit rounding moves the untrained base
     for run in TRAINED:
         assert float(rows[run]["test_loss"]) < base, f"{run} did not learn"
+        assert rows[run]["beats_base_test_loss"] == "True", f"{run} does not beat {rows[run]['base_row']}"
+        assert rows[run]["base_row"] == ("base-tiny.nf4" if run == "tiny-qlora" else "base-tiny")
         generations = read_jsonl(tiny_study / "results" / "runs" / run / "generations.jsonl")
         empty = sum(not g["prediction"].strip() for g in generations)
         assert empty <= len(generations) // 10, f"{run}: {empty}/{len(generations)} empty answers"

@@ -103,7 +103,7 @@ def _generate(study: Study, args) -> None:
     elif not reference and args.run not in study.export_runs:
         study.run(args.run)
     run_generate(model_dir, args.base, args.data, args.tokens, study.generation, args.out,
-                 study.data.prompt_format)
+                 study.data.prompt_format, study.reference_settings(args.run) if reference else None)
 
 
 def _serve(study: Study, args) -> None:

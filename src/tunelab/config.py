@@ -378,6 +378,7 @@ class Study(Frozen):
     metrics: MetricsConfig
     exports: ExportConfig
     merge: MergeConfig = Field(default_factory=MergeConfig)
+    quantized_base_rows: bool = True
     path: Path
 
     def run(self, name: str) -> Run:
@@ -386,13 +387,40 @@ class Study(Frozen):
                 return run
         raise TunelabError(f"{self.path}: no run named {name!r} (runs: {', '.join(r.name for r in self.runs)})")
 
-    def reference_name(self, model: str) -> str:
-        return f"base-{model}"
+    def reference_name(self, model: str, quantization: str = "none") -> str:
+        return f"base-{model}" if quantization == "none" else f"base-{model}.{quantization}"
+
+    @property
+    def reference_rows(self) -> dict[str, tuple[str, str]]:
+        """Each untrained-base row's name and what it loads, (model, quantization): one per model that any run
+        fine-tunes, and (with `quantized_base_rows`) one per (model, nf4/int8) that a run trains with."""
+        rows = {}
+        for model in dict.fromkeys(r.model for r in self.runs):
+            used = [r.train.quantization for r in self.runs if r.model == model and self.quantized_base_rows]
+            rows.update({self.reference_name(model, q): (model, q) for q in dict.fromkeys(["none", *used])})
+        return rows
 
     @property
     def reference_runs(self) -> list[str]:
-        """One untrained-base row per model that any run fine-tunes."""
-        return [self.reference_name(m) for m in dict.fromkeys(r.model for r in self.runs)]
+        """The names of the untrained-base rows (reference_rows)."""
+        return list(self.reference_rows)
+
+    def reference_settings(self, name: str) -> TrainConfig | None:
+        """How a quantized base row loads its base: as the first run training with that model and quantization
+        (quantization, precision, attention), so it is what that QLoRA run starts from; None for `base-<model>`."""
+        model, quantization = self.reference_rows[name]
+        if quantization == "none":
+            return None
+        return next(r.train for r in self.runs if r.model == model and r.train.quantization == quantization)
+
+    def base_row(self, name: str) -> str:
+        """The base row a run, merged row or export is measured against: its run's quantized base row when the
+        run trains quantized (and quantized_base_rows is on), else `base-<model>`; a base row, itself."""
+        if name in self.reference_rows:
+            return name
+        run = self.run(self.export_runs[name][0] if name in self.export_runs else self.merged_runs.get(name, name))
+        quantized = self.reference_name(run.model, run.train.quantization)
+        return quantized if quantized in self.reference_rows else self.reference_name(run.model)
 
     @property
     def export_runs(self) -> dict[str, tuple[str, str]]:
@@ -418,6 +446,9 @@ class _StudyFile(Frozen):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     exports: ExportConfig = Field(default_factory=ExportConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
+    quantized_base_rows: bool = Field(
+        True, description="also an untrained row base-<model>.<nf4|int8> per quantization a run trains with: "
+                          "the quantized base that QLoRA starts from, which those runs are measured against")
 
 
 GRID_KEYS = ("model", "method", "quantization", "attention", "precision")
@@ -453,7 +484,7 @@ def load_study(path: str | Path) -> Study:
         raise TunelabError("\n".join(problems))
     return Study(name=study_file.name, data=study_file.data, models=study_file.models, runs=runs,
                  generation=study_file.generation, metrics=study_file.metrics, exports=study_file.exports,
-                 merge=study_file.merge, path=path)
+                 merge=study_file.merge, quantized_base_rows=study_file.quantized_base_rows, path=path)
 
 
 def _expand(entry: dict) -> list[dict]:

@@ -1,7 +1,8 @@
 """Stage `generate`: a run's (or the untrained base's) loss and answers on the held-out test split.
 
 Loads the model as it trained (an adapter on its base in the same quantization, full weights, or the
-base alone for the reference row) through `tunelab.generation`, the path `tunelab serve` uses too; writes
+base alone for a reference row: unquantized, or in a QLoRA run's quantization for `base-<model>.<nf4|int8>`)
+through `tunelab.generation`, the path `tunelab serve` uses too; writes
 `generations.jsonl` (prompt, reference, prediction and any extra field of each test record, e.g. `category`)
 and `eval.json` (test loss over label tokens, batched generation tokens/s, per-request latency, and the
 effective generation settings and stop tokens).
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from tunelab.artifacts import invalidate, read_jsonl, write_json, write_jsonl
 from tunelab.batches import mean_loss
-from tunelab.config import GenerationConfig
+from tunelab.config import GenerationConfig, TrainConfig
 from tunelab.generation import Engine, measure_latency
 
 log = logging.getLogger(__name__)
@@ -26,9 +27,11 @@ RECORD_FIELDS = ("instruction", "input", "output")
 
 
 def run_generate(model_dir: Path | None, base_dir: Path, data_dir: Path, tokens_dir: Path,
-                 settings: GenerationConfig, out: Path, prompt_format: str = "alpaca") -> dict:
-    """Score test loss, generate an answer for every test record and time single requests; write into `out`."""
-    engine = Engine.load(model_dir, settings, prompt_format, base_dir)
+                 settings: GenerationConfig, out: Path, prompt_format: str = "alpaca",
+                 base_settings: TrainConfig | None = None) -> dict:
+    """Score test loss, generate an answer for every test record and time single requests; write into `out`.
+    A base row (`model_dir` None) loads its base as `base_settings` say (a quantized base row) or unquantized."""
+    engine = Engine.load(model_dir, settings, prompt_format, base_dir, base_settings)
     test_loss = mean_loss(engine.model, read_jsonl(tokens_dir / "test.jsonl"), settings.batch_size,
                           engine.tokenizer.pad_token_id, engine.autocast)
     records = read_jsonl(data_dir / "test.jsonl")

@@ -33,7 +33,9 @@ COLUMNS = ("run", "model", "method", "quantization", "attention", "precision", "
            "padding_fraction", "peak_memory_gib", "memory_kind", "train_wall_seconds", "final_validation_loss",
            "test_loss", *LATENCY, "empty_predictions",
            *(f"{q}{suffix}" for q in QUALITY for suffix in ("", "_ci95_low", "_ci95_high")),
-           *(f"{q}_delta_vs_base" for q in QUALITY), "test_loss_delta_vs_base", "p_vs_base")
+           "base_row", "beats_base_test_loss", "test_loss_delta_vs_base",
+           *(f"{q}{suffix}" for q in QUALITY for suffix in ("_delta_vs_base", "_delta_vs_base_ci95_low",
+                                                            "_delta_vs_base_ci95_high", "_p_vs_base")), "p_vs_base")
 
 
 def run_report(study: Study, runs_dir: Path, out: Path) -> list[dict]:
@@ -79,10 +81,10 @@ def provenance_footer(runs_dir: Path, rows: list[dict]) -> str:
 
 
 def collect(study: Study, runs_dir: Path) -> list[dict]:
-    """One row per run of the study, reference rows first; quality deltas against the model's base."""
-    rows = []
-    for model in dict.fromkeys(r.model for r in study.runs):
-        rows.append(_evaluated(runs_dir / study.reference_name(model), study.reference_name(model), model, None))
+    """One row per run of the study, reference rows first; deltas against each row's base row (`base_row`:
+    `base-<model>.<nf4|int8>` for a run trained quantized, its merged row and exports; else `base-<model>`)."""
+    rows = [{**_evaluated(runs_dir / name, name, model, None), "quantization": quantization}
+            for name, (model, quantization) in study.reference_rows.items()]
     rows += [{**_evaluated(runs_dir / run.name, run.name, run.model, run.train), **_trained(runs_dir / run.name)}
              for run in study.runs]
     for name, source in study.merged_runs.items():  # what merging costs: the merged model as its own row
@@ -95,9 +97,12 @@ def collect(study: Study, runs_dir: Path) -> list[dict]:
         export = read_json(runs_dir / name / "export.json")
         rows.append({**_evaluated(runs_dir / name, name, run.model, run.train), "export": export_format,
                      "size_on_disk_mb": export["size_bytes"] / 1e6, "pruned_share": export.get("pruned_share")})
-    bases = {row["model"]: row for row in rows if row["method"] == "base"}
+    by_name = {row["run"]: row for row in rows}
     for row in rows:
-        base = bases[row["model"]]
+        row["base_row"] = study.base_row(row["run"])
+        base = by_name[row["base_row"]]
+        if row["method"] != "base" and row.get("test_loss") is not None and base.get("test_loss") is not None:
+            row["beats_base_test_loss"] = row["test_loss"] < base["test_loss"]
         for metric in (*QUALITY, "test_loss"):
             if row.get(metric) is not None and base.get(metric) is not None:
                 row[f"{metric}_delta_vs_base"] = row[metric] - base[metric]
@@ -203,22 +208,56 @@ def _verdict(rows: list[dict], primary: str, samples: dict[str, list[dict]]) -> 
                    "more test records or a larger effect would be needed."]
     lines.append(_against_base(rows, primary, values, statistic))
     lines += _cost_lines([r for r in rows if r.get("export") == "as trained"])
+    lines.append(_test_loss_against_base(rows))
+    _quality_against_base(rows, samples)
     return lines
 
 
 def _against_base(rows: list[dict], primary: str, values: dict, statistic) -> str:
-    """Each trained or exported run against its model's base, one paired test each (p recorded per row)."""
-    bases = {row["model"]: row["run"] for row in rows if row["method"] == "base"}
+    """Each trained or exported run against its base row, one paired test each (p recorded per row)."""
     better, not_better = [], []
     for row in rows:
-        if row["method"] == "base" or row["run"] not in values or bases[row["model"]] not in values:
+        if row["method"] == "base" or row["run"] not in values or row["base_row"] not in values:
             continue
-        row["p_vs_base"] = stats.paired_bootstrap(values[row["run"]], values[bases[row["model"]]], statistic)
+        row["p_vs_base"] = stats.paired_bootstrap(values[row["run"]], values[row["base_row"]], statistic)
         significant = row["p_vs_base"] < stats.ALPHA and row[f"{primary}_delta_vs_base"] > 0
         (better if significant else not_better).append(row["run"])
     return (f"Better than the untrained base on {QUALITY[primary]} (paired bootstrap, p < {stats.ALPHA}): "
             + (", ".join(better) or "none") + "." + (f" Not shown better: {', '.join(not_better)}." if not_better
                                                     else ""))
+
+
+def _test_loss_against_base(rows: list[dict]) -> str:
+    """Which runs reach a lower test loss than their base row; names the quantized base rows in use."""
+    quantization = {row["run"]: row["quantization"] for row in rows if row["method"] == "base"}
+    measured = [r for r in rows if r.get("beats_base_test_loss") is not None]
+    lower = [r["run"] for r in measured if r["beats_base_test_loss"]]
+    quantized = list(dict.fromkeys(r["base_row"] for r in measured if quantization[r["base_row"]] != "none"))
+    against = (f" Runs trained quantized (and their merged and exported rows) are measured against the untrained "
+               f"quantized base they started from ({', '.join(quantized)}); the others against base-<model>."
+               if quantized else "")
+    return (f"Lower test loss than its base row: {', '.join(lower) or 'none'}."
+            + (f" Not lower: {', '.join(r['run'] for r in measured if not r['beats_base_test_loss'])}."
+               if len(lower) < len(measured) else "") + against)
+
+
+def _quality_against_base(rows: list[dict], samples: dict[str, list[dict]]) -> None:
+    """Every scored quality metric of each non-base row against its base row: the paired bootstrap p-value
+    (`<metric>_p_vs_base`) and the 95 % interval of the difference (`<metric>_delta_vs_base_ci95_low/high`)."""
+    by_name = {row["run"]: row for row in rows}
+    for row in rows:
+        base = by_name[row["base_row"]]
+        if row["method"] == "base":
+            continue
+        for metric in QUALITY:
+            if row.get(metric) is None or base.get(metric) is None:
+                continue
+            statistic = stats.corpus_bleu if metric == "bleu" else stats.mean
+            ours = _record_values(samples[row["run"]], metric, row["run"])
+            theirs = _record_values(samples[base["run"]], metric, base["run"])
+            row[f"{metric}_p_vs_base"] = stats.paired_bootstrap(ours, theirs, statistic)
+            row[f"{metric}_delta_vs_base_ci95_low"], row[f"{metric}_delta_vs_base_ci95_high"] = (
+                stats.paired_interval(ours, theirs, statistic))
 
 
 def _cost_lines(trained: list[dict]) -> list[str]:

@@ -28,6 +28,11 @@ NOTES = ("Quality figures are 0-100 with their bootstrap 95 % interval over test
          "their base); export rows (`<run>.<format>`) are the quantized merged model, scored the same way. "
          "Every column is in summary.csv.")
 
+BASE_NOTE = ("Each row is measured against the untrained base it starts from: base-<model>.<nf4|int8> (the base "
+             "loaded in that quantization, as QLoRA loads it) for a run trained quantized and its merged and exported "
+             "rows, base-<model> for the others. Quality: the difference to that base row with its paired bootstrap "
+             "95 % interval and p (better or worse only where p < 0.05).")
+
 
 def number(value) -> str:
     """A figure in the report's one style: thousands separated, fixed point, at most three significant
@@ -83,6 +88,38 @@ def categories(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             [[row["run"], *(f"{row[n]:.1f}" if row.get(n) is not None else MISSING for n in names)] for row in rows])
 
 
+def against_base(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Each run, merged row and export against its base row: test loss, and every scored quality metric's
+    difference with its paired 95 % interval and p (better/worse where the paired test separates them)."""
+    measured = [row for row in rows if row["method"] != "base" and row.get("base_row")]
+    metrics = [m for m in QUALITY if any(row.get(f"{m}_p_vs_base") is not None for row in measured)]
+    if not measured:
+        return [], []
+    header = ["run", "base row", "test loss vs base", *(f"{QUALITY[m]} vs base" for m in metrics)]
+    body = [[row["run"], row["base_row"], _loss_against_base(row), *(_difference(row, m) for m in metrics)]
+            for row in measured]
+    return header, body
+
+
+def _loss_against_base(row: dict) -> str:
+    if row.get("test_loss_delta_vs_base") is None:
+        return MISSING
+    outcome = "lower" if row["beats_base_test_loss"] else "not lower"
+    return f"{row['test_loss']:.3f} ({row['test_loss_delta_vs_base']:+.3f}, {outcome})"
+
+
+def _difference(row: dict, metric: str) -> str:
+    """`+3.1 [+1.2, +5.0] p 0.002 better`: the difference to the base row, its paired interval, the test."""
+    p = row.get(f"{metric}_p_vs_base")
+    if p is None:
+        return MISSING
+    delta = row[f"{metric}_delta_vs_base"]
+    outcome = ("better" if delta > 0 else "worse") if p < 0.05 else "not separated"
+    shown = f"{p:.4f}" if p < 0.001 else f"{p:.3f}"
+    return (f"{delta:+.1f} [{row[f'{metric}_delta_vs_base_ci95_low']:+.1f}, "
+            f"{row[f'{metric}_delta_vs_base_ci95_high']:+.1f}] p {shown} {outcome}")
+
+
 def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in body)]
 
@@ -92,6 +129,9 @@ def markdown_page(study: str, rows: list[dict], verdict: list[str], primary: str
     header, body = categories(rows)
     if header:
         lines += ["", "## Exact match per task family", "", *_markdown_table(header, body)]
+    header, body = against_base(rows)
+    if header:
+        lines += ["", "## Against its base row", "", BASE_NOTE, "", *_markdown_table(header, body)]
     lines += ["", NOTES, ""]
     lines += [f"## {title}\n\n![{title}]({name})\n" for name, title in PLOTS.items()]
     if footer:
@@ -112,6 +152,9 @@ def html_page(study: str, rows: list[dict], verdict: list[str], primary: str, fi
     category_header, category_body = categories(rows)
     per_category = (f"<h2>Exact match per task family</h2>{_html_table(category_header, category_body)}"
                     if category_header else "")
+    base_header, base_body = against_base(rows)
+    per_base = (f"<h2>Against its base row</h2><p class='notes'>{html.escape(BASE_NOTE)}</p>"
+                f"{_html_table(base_header, base_body)}" if base_header else "")
     images = "".join(f"<figure><img alt='{html.escape(PLOTS[name])}' src='data:image/png;base64,"
                      f"{base64.b64encode(png).decode()}'><figcaption>{html.escape(PLOTS[name])}</figcaption></figure>"
                      for name, png in figures.items())
@@ -125,7 +168,7 @@ def html_page(study: str, rows: list[dict], verdict: list[str], primary: str, fi
             "figure{display:inline-block;margin:.5em;max-width:48%}img{max-width:100%}"
             "figcaption,.notes{font-size:12px;color:#555}.full{font-size:11px}</style></head><body>"
             f"<h1>Study {html.escape(study)}</h1><ul class='verdict'>{points}</ul>"
-            f"{_html_table(*headline(rows, primary), 'headline')}{per_category}"
+            f"{_html_table(*headline(rows, primary), 'headline')}{per_category}{per_base}"
             f"<p class='notes'>{html.escape(NOTES)}</p>{images}"
             f"<details><summary>All columns ({len(columns)})</summary>{full}</details>"
             f"<footer class='notes'>{html.escape(footer)}</footer></body></html>")

@@ -66,6 +66,16 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, statistic: Statistic = mean, 
     return float((extreme.sum() + 1) / (resamples + 1))
 
 
+def paired_interval(a: np.ndarray, b: np.ndarray, statistic: Statistic = mean,
+                    resamples: int = RESAMPLES) -> list[float]:
+    """The 95 % percentile bootstrap interval of statistic(a) - statistic(b), both resampled with the same
+    record indices (those of paired_bootstrap, so the interval and the test agree on the resamples)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    indices = resample_indices(len(a), resamples, seed=1)
+    low, high = np.percentile(statistic(a[indices]) - statistic(b[indices]), [2.5, 97.5])
+    return [float(low), float(high)]
+
+
 def holm(p_values: dict[str, float]) -> dict[str, float]:
     """Holm-Bonferroni adjusted p-values (step-down, kept monotone, capped at 1)."""
     ordered = sorted(p_values, key=p_values.get)

@@ -42,9 +42,8 @@ wildcard_constraints:
 
 def model_of(run):
     """The study model a run, a reference row, a merged row or an export belongs to."""
-    for model in MODELS:
-        if run == STUDY.reference_name(model):
-            return model
+    if run in STUDY.reference_rows:  # base-<model>, base-<model>.<nf4|int8>
+        return STUDY.reference_rows[run][0]
     return STUDY.run(EXPORTS[run][0] if run in EXPORTS else MERGED.get(run, run)).model
 
 
@@ -63,6 +62,12 @@ def trained_model(wildcards):
     if wildcards.run in EXPORTS:
         return rules.export.output.model.format(run=wildcards.run)
     return rules.train.output.model.format(run=wildcards.run)
+
+
+def base_loading(wildcards):
+    """How a quantized base row loads its base (its QLoRA run's quantization and precision): a change reruns it."""
+    settings = STUDY.reference_settings(wildcards.run) if wildcards.run in REFERENCES else None
+    return settings.model_dump_json(include={"quantization", "precision", "attention"}) if settings else ""
 
 
 def merged_source(wildcards):

@@ -9,6 +9,7 @@ rule generate:
         evaluation="results/runs/{run}/eval.json",
     params:
         settings=STUDY.generation.model_dump_json(),
+        base_loading=base_loading,
     log:
         "results/runs/{run}/logs/generate.log",
     resources:

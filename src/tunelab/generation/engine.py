@@ -16,7 +16,7 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from tunelab import modeling
-from tunelab.config import GenerationConfig
+from tunelab.config import GenerationConfig, TrainConfig
 from tunelab.generation import fast
 from tunelab.generation.loading import load_for_inference
 from tunelab.tokenize import check_prompt_format, render_prompt
@@ -71,8 +71,8 @@ class Engine:
 
     @classmethod
     def load(cls, model_dir: Path | None, settings: GenerationConfig, prompt_format: str = "alpaca",
-             base_dir: Path | None = None) -> Engine:
-        model, tokenizer, train = load_for_inference(model_dir, base_dir)
+             base_dir: Path | None = None, base_settings: TrainConfig | None = None) -> Engine:
+        model, tokenizer, train = load_for_inference(model_dir, base_dir, base_settings)
         return cls(model, tokenizer, modeling.autocast(train, next(model.parameters()).device), settings, prompt_format)
 
     def _study_config(self):
