@@ -10,6 +10,17 @@ import math
 from tunelab.bench import main
 
 
+
+def load_render():
+    """benchmarks/render.py, the script that writes BENCHMARKS.md, as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("render", Path(__file__).parents[1] / "benchmarks" / "render.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    return render
+
 def test_bench_runs_both_sides_on_a_tiny_model(tmp_path, capsys):
     status = main(["--arch", "tiny", "--method", "lora", "--quantization", "none", "--attention", "sdpa",
                    "--steps", "2", "--repeat", "2", "--control", "--batch-size", "2", "--seq-len", "32", "--model-root", str(tmp_path / "models"),
@@ -53,9 +64,7 @@ def test_bench_packs_examples_of_varied_lengths(tmp_path):
 def test_results_rows_have_issue_12_fields_and_render_into_benchmarks(tmp_path):
     """bench.records turns measured rows (and a peer's lines) into results.jsonl rows; render.py builds the
     Markdown section from them, ratios within the call, and replaces only its own section."""
-    import importlib.util
     from dataclasses import asdict
-    from pathlib import Path
 
     from tunelab.bench import Case, flops_per_token, records
 
@@ -81,9 +90,7 @@ def test_results_rows_have_issue_12_fields_and_render_into_benchmarks(tmp_path):
     assert abs(out[0]["mfu"] - 4096 / 0.4 * flops_per_token("qwen2.5-7b", "lora", 1024) / 790e12) < 1e-4
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in out))
-    spec = importlib.util.spec_from_file_location("render", Path(__file__).parents[1] / "benchmarks" / "render.py")
-    render = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(render)
+    render = load_render()
     markdown = tmp_path / "BENCHMARKS.md"
     markdown.write_text("# Title\nold hand-written text\n")
     assert render.main(["--results", str(results), "--checks", str(tmp_path / "none.jsonl"),
@@ -97,8 +104,6 @@ def test_results_rows_have_issue_12_fields_and_render_into_benchmarks(tmp_path):
 
 def test_generation_rows_render_in_their_own_table_with_the_ratio_to_plain(tmp_path):
     """Rows with `task: generation` (tunelab.generation.bench) go to the generation table, not the training one."""
-    import importlib.util
-    from pathlib import Path
     common = dict(task="generation", call="g1", card="H200", gpus=1, model="qwen2.5-7b", method="greedy",
                   quantization="none", attention="sdpa", batch=32, seq=128, new_tokens=256, new_tokens_min=256,
                   new_tokens_max=256, repeats=3, peak_gib=15.0, reserved_gib=16.0, one_time={"first_call_s": 20.0},
@@ -107,9 +112,7 @@ def test_generation_rows_render_in_their_own_table_with_the_ratio_to_plain(tmp_p
             dict(common, side="tunelab", engine="static", tok_s=4500.0, tok_s_range=[4400.0, 4600.0])]
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    spec = importlib.util.spec_from_file_location("render", Path(__file__).parents[1] / "benchmarks" / "render.py")
-    render = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(render)
+    render = load_render()
     markdown = tmp_path / "BENCHMARKS.md"
     markdown.write_text("# Title\n")
     assert render.main(["--results", str(results), "--checks", str(tmp_path / "none.jsonl"), "--generation-checks",
@@ -138,9 +141,7 @@ def test_budget_search_finds_the_largest_batch_that_fits():
 
 
 def test_budget_rows_record_the_largest_fitting_batch_and_every_probe(tmp_path):
-    import importlib.util
     from dataclasses import asdict
-    from pathlib import Path
 
     from tunelab.bench import Case, budget_records
 
@@ -162,9 +163,7 @@ def test_budget_rows_record_the_largest_fitting_batch_and_every_probe(tmp_path):
     assert rows[0]["checkpointing"] == "offload" and rows[1]["checkpointing"] == "unsloth (offloaded)"
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    spec = importlib.util.spec_from_file_location("render", Path(__file__).parents[1] / "benchmarks" / "render.py")
-    render = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(render)
+    render = load_render()
     markdown = tmp_path / "BENCHMARKS.md"
     markdown.write_text("# Title\n")
     assert render.main(["--results", str(results), "--checks", str(tmp_path / "none.jsonl"),
