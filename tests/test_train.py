@@ -157,6 +157,9 @@ def test_run_train_writes_model_metrics_and_profile(tiny_base, tiny_tokens, tmp_
     assert [s for s, _ in saved["loss_curve"]] == list(range(1, 7))
     assert [s for s, _ in saved["validation_loss_curve"]] == [3, 6]
     assert saved["peak_memory_gib"] > 0 and saved["wall_seconds"] > 0 and metrics["tokens_per_second"] > 0
+    # every step's own peak, the profiler's window (steps 2-3) left out: its recorded events are not the run's memory
+    assert [s for s, _ in saved["step_peak_memory_gib"]] == [1, 4, 5, 6]
+    assert saved["peak_memory_gib"] == max(v for _, v in saved["step_peak_memory_gib"])
     assert (tmp_path / "model" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "profile" / "trace.json.gz").stat().st_size > 1000
     assert "aten::" in (tmp_path / "profile" / "key_averages.txt").read_text()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from tqdm import tqdm
 from transformers import get_scheduler, set_seed
 
 from tunelab import kernels, modeling, offload
+from tunelab.memory import PeakMemory
 from tunelab.artifacts import atomic_dir, invalidate, read_jsonl, write_json, write_text
 from tunelab.batches import label_tokens, mean_loss, real_tokens, training_batches
 from tunelab.checkpoint import Checkpoints, fingerprint
@@ -134,11 +134,12 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
     penalty_weight = model.peft_config["default"].orth_reg_weight if adalora else 0.0
     if adalora:
         model.peft_config["default"].orth_reg_weight = 0.0
-    curves = {"loss": [], "validation_loss": [], "learning_rate": [], "step_tokens_per_second": []}
+    curves = {"loss": [], "validation_loss": [], "learning_rate": [], "step_tokens_per_second": [],
+              "step_peak_memory_gib": [], "step_peak_reserved_gib": []}
     if adalora:
         curves["orthogonality_penalty"] = []
     counted = {"tokens": 0, "padded": 0, "seconds": 0.0}
-    _reset_peak_memory(device)
+    memory = PeakMemory(device)
     started = time.perf_counter()
     first = checkpoints.resume(model, optimizer, scheduler, scaler, batches, curves, counted) if checkpoints else 1
     profiler = (_Profiler(profile_dir, train.profile, device, first=first, max_steps=train.max_steps)
@@ -149,6 +150,7 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
     progress = tqdm(range(first, train.max_steps + 1), desc=label, disable=None if runtime.is_main else True)
     for step in progress:
         step_started = time.perf_counter()
+        memory.reset()
         if profiler:
             profiler.before(step)
         host_batches = runtime.shard([next(batches) for _ in range(train.gradient_accumulation_steps)])
@@ -194,17 +196,20 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
             validation = mean_loss(model, validation_examples, train.micro_batch_size, pad_id, autocast)
             curves["validation_loss"].append([step, validation])
             logged["validation_loss"] = validation
+        if not (profiler and profiler.first <= step <= profiler.last):  # the profiler's own memory is not the run's
+            for key, value in memory.read().items():
+                curves[f"step_{key}"].append([step, value])
         if trackers:
             if penalty_weight:
                 logged["orthogonality_penalty"] = curves["orthogonality_penalty"][-1][1]
             if counted["seconds"]:
                 logged["tokens_per_second"] = counted["tokens"] / counted["seconds"]
-            trackers.log_step(step, {**logged, "peak_memory_gib": _peak_memory(device)["peak_memory_gib"]})
+            trackers.log_step(step, {**logged, "peak_memory_gib": memory.read()["peak_memory_gib"]})
         if (step % train.log_every == 0 or step == train.max_steps) and runtime.is_main:
             progress.set_postfix(loss=f"{loss:.3f}")
             log.info("%s step %d/%d loss %.4f lr %.2e tok/s %.0f peak %.2f GiB", label, step, train.max_steps, loss,
                      scheduler.get_last_lr()[0], counted["tokens"] / max(counted["seconds"], 1e-9),
-                     _peak_memory(device)["peak_memory_gib"])
+                     _run_peak(curves, memory)["peak_memory_gib"])
         if checkpoints:
             checkpoints.after_step(step)
     counted["tokens"], counted["padded"] = (int(runtime.total(counted[k])) for k in ("tokens", "padded"))
@@ -216,12 +221,12 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
                  penalty_weight, "final_orthogonality_penalty": curves["orthogonality_penalty"][-1][1]}
     if profiler:
         extra["profiled_steps"] = [profiler.first, profiler.last]
-    peak = {key: runtime.maximum(value) if isinstance(value, float) else value
-            for key, value in _peak_memory(device).items()}  # the fullest rank
+    peak = {key: runtime.maximum(value) for key, value in _run_peak(curves, memory).items()}  # the fullest rank
     results = {
         "steps": train.max_steps, "loss_curve": curves["loss"], "validation_loss_curve": curves["validation_loss"],
         "learning_rate_curve": curves["learning_rate"], "final_loss": curves["loss"][-1][1],
         "step_tokens_per_second": curves["step_tokens_per_second"],
+        "step_peak_memory_gib": curves["step_peak_memory_gib"], "memory_kind": memory.kind,
         "trainable_weights_dtype": str(params[0].dtype).removeprefix("torch."), **extra,
         "final_validation_loss": curves["validation_loss"][-1][1],
         "tokens_per_second": counted["tokens"] / max(counted["seconds"], 1e-9),
@@ -270,19 +275,12 @@ def _optimizer(params: list[torch.Tensor], train: TrainConfig) -> torch.optim.Op
     return optimizer(params, lr=train.learning_rate, weight_decay=train.weight_decay)
 
 
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_memory(device: torch.device) -> dict[str, float]:
-    """Peak GPU memory (allocated, reserved) on CUDA; the process's peak RSS on the CPU."""
-    gib = 1024 ** 3
-    if device.type == "cuda":
-        allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
-        return {"peak_memory_gib": allocated / gib, "peak_reserved_gib": reserved / gib, "memory_kind": "cuda"}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return {"peak_memory_gib": rss / gib, "peak_reserved_gib": rss / gib, "memory_kind": "cpu_rss"}
+def _run_peak(curves: dict, memory: PeakMemory) -> dict[str, float]:
+    """The run's peak: the largest per-step peak outside the profiler's window (the current step's where none is
+    recorded yet)."""
+    if not curves["step_peak_memory_gib"]:
+        return memory.read()
+    return {key: max(value for _, value in curves[f"step_{key}"]) for key in ("peak_memory_gib", "peak_reserved_gib")}
 
 
 def _adalora_budget(model) -> dict:
@@ -321,3 +319,4 @@ class _Profiler:
                 self.profile.export_chrome_trace(str(tmp / "trace.json.gz"))
                 table = self.profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
                 write_text(tmp / "key_averages.txt", table + "\n")
+            self.profile = torch.profiler.profile()  # frees the recorded events (gigabytes on CPU) for the steps after
