@@ -216,3 +216,21 @@ def test_missing_per_record_scores_or_primary_is_one_error(tmp_path):
     assert not (tmp_path / "report").exists()
     with pytest.raises(TunelabError, match="metrics.primary bertscore_f1 is in no run's scores.json"):
         primary_metric("bertscore_f1", [{"exact_match": 1.0}])
+
+
+def test_the_setup_lines_name_the_prompt_format_and_a_gguf_models_round_trip(tmp_path):
+    from tunelab.report import setup_lines
+
+    gguf = tmp_path / "Small.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text("name: real\ndata: {source: data/alpaca.json, prompt_format: chat_template}\n"
+                          f"models: {{small: {{source: {gguf}}}}}\nruns: [{{name: small-lora, model: small}}]\n")
+    study = load_study(study_file)
+    generic = setup_lines(study, tmp_path / "base", 48)
+    assert "48 test records" in generic[0] and "each model's own chat template" in generic[0]
+    assert generic[1].startswith(f"Model small: `{gguf}`, a GGUF file dequantised")
+    write_json(tmp_path / "base" / "small" / "base.json", {"gguf": str(gguf), "gguf_sha256": "ab" * 32,
+                                                            "dtype": "fp32", "source": str(gguf)})
+    recorded = setup_lines(study, tmp_path / "base", 48)[1]
+    assert "from Small.Q4_1.gguf (sha256 abababababab) to fp32" in recorded and "not its original release" in recorded

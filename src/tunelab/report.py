@@ -53,10 +53,33 @@ def run_report(study: Study, runs_dir: Path, out: Path) -> list[dict]:
         with atomic_file(out / name) as tmp:
             tmp.write_bytes(png)
     footer = provenance_footer(runs_dir, rows)
-    write_text(out / "report.md", markdown_page(study.name, rows, verdict, primary, footer))
-    write_text(out / "report.html", html_page(study.name, rows, verdict, primary, figures, full_columns(rows), footer))
+    setup = setup_lines(study, runs_dir.parent / "base", len(next(iter(samples.values()), [])))
+    write_text(out / "report.md", markdown_page(study.name, rows, verdict, primary, footer, setup))
+    write_text(out / "report.html", html_page(study.name, rows, verdict, primary, figures, full_columns(rows), footer,
+                                              setup))
     log.info("report of %d runs written to %s", len(rows), out)
     return rows
+
+
+def setup_lines(study: Study, base_dir: Path, test_records: int) -> list[str]:
+    """What every row shares: the data, the prompt format, and each model's source; for a GGUF model, the file it
+    was dequantised from (its `base.json` beside the runs, where present), since its weights carry that file's
+    quantisation."""
+    prompt = {"alpaca": "the Alpaca template", "chat_template": "each model's own chat template"}
+    lines = [f"Data: {study.data.source}, {test_records} test records. Prompt format: "
+             f"{prompt[study.data.prompt_format]} (`data.prompt_format`), for the base rows and every run alike."]
+    for name in dict.fromkeys(row.model for row in study.runs):
+        source, base_json = study.models[name].source, base_dir / name / "base.json"
+        line = f"Model {name}: `{source}`"
+        base = read_json(base_json) if base_json.is_file() else {}
+        if base.get("gguf"):
+            line += (f", dequantised by the base stage from {Path(base['gguf']).name} (sha256 "
+                     f"{base['gguf_sha256'][:12]}) to {base['dtype']}: the model after that file's quantisation round "
+                     "trip, not its original release")
+        elif study.models[name].is_gguf:
+            line += ", a GGUF file dequantised by the base stage: the model after its quantisation round trip"
+        lines.append(line + ".")
+    return lines
 
 
 def provenance_footer(runs_dir: Path, rows: list[dict]) -> str:

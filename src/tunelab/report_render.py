@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import math
+import re
 
 QUALITY = {"exact_match": "exact match", "bleu": "BLEU", "rouge_l": "ROUGE-L", "bertscore_f1": "BERTScore F1",
            "codebleu": "CodeBLEU"}
@@ -124,8 +125,11 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in body)]
 
 
-def markdown_page(study: str, rows: list[dict], verdict: list[str], primary: str, footer: str = "") -> str:
+def markdown_page(study: str, rows: list[dict], verdict: list[str], primary: str, footer: str = "",
+                  setup: list[str] = ()) -> str:
     lines = [f"# Study {study}", "", *(f"- {line}" for line in verdict), "", *_markdown_table(*headline(rows, primary))]
+    if setup:
+        lines += ["", *(f"- {line}" for line in setup)]
     header, body = categories(rows)
     if header:
         lines += ["", "## Exact match per task family", "", *_markdown_table(header, body)]
@@ -146,7 +150,7 @@ def _html_table(header: list[str], body: list[list[str]], css: str = "") -> str:
 
 
 def html_page(study: str, rows: list[dict], verdict: list[str], primary: str, figures: dict[str, bytes],
-              columns: list[str], footer: str = "") -> str:
+              columns: list[str], footer: str = "", setup: list[str] = ()) -> str:
     """One self-contained page: verdict, headline table, plots inlined as data URIs, the full table collapsed."""
     points = "".join(f"<li>{_bold(line)}</li>" for line in verdict)
     category_header, category_body = categories(rows)
@@ -168,10 +172,17 @@ def html_page(study: str, rows: list[dict], verdict: list[str], primary: str, fi
             "figure{display:inline-block;margin:.5em;max-width:48%}img{max-width:100%}"
             "figcaption,.notes{font-size:12px;color:#555}.full{font-size:11px}</style></head><body>"
             f"<h1>Study {html.escape(study)}</h1><ul class='verdict'>{points}</ul>"
-            f"{_html_table(*headline(rows, primary), 'headline')}{per_category}{per_base}"
+            f"{_html_table(*headline(rows, primary), 'headline')}"
+            + "".join(f"<p class='notes'>{_code(line)}</p>" for line in setup)
+            + f"{per_category}{per_base}"
             f"<p class='notes'>{html.escape(NOTES)}</p>{images}"
             f"<details><summary>All columns ({len(columns)})</summary>{full}</details>"
             f"<footer class='notes'>{html.escape(footer)}</footer></body></html>")
+
+
+def _code(line: str) -> str:
+    """Markdown `code` as <code>, everything else escaped."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(line))
 
 
 def _bold(line: str) -> str:
