@@ -7,6 +7,9 @@ peak since the process started (ru_maxrss) is all there is, and `resettable` say
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import resource
 from pathlib import Path
 
@@ -37,6 +40,16 @@ class PeakMemory:
                     "peak_reserved_gib": torch.cuda.max_memory_reserved(self.device) / GIB}
         rss = _rss_peak_bytes() / GIB
         return {"peak_memory_gib": rss, "peak_reserved_gib": rss}
+
+
+def release_freed_host_memory() -> None:
+    """Collect garbage and hand glibc's freed heap back to the system, so that RSS measured after a burst of
+    short-lived allocations (the profiler's recorded events: 7 GiB for two steps of SmolLM2-135M) is the
+    work's own again. glibc keeps freed blocks resident otherwise; measured: 7.9 GiB after gc, 1.0 after trim."""
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):  # glibc only
+        ctypes.CDLL(libc).malloc_trim(0)
 
 
 def _clear_rss_peak() -> bool:

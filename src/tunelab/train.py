@@ -23,13 +23,13 @@ from tqdm import tqdm
 from transformers import get_scheduler, set_seed
 
 from tunelab import kernels, modeling, offload
-from tunelab.memory import PeakMemory
 from tunelab.artifacts import atomic_dir, invalidate, read_jsonl, write_json, write_text
 from tunelab.batches import label_tokens, mean_loss, real_tokens, training_batches
 from tunelab.checkpoint import Checkpoints, fingerprint
 from tunelab.config import Run, TrainConfig
 from tunelab.distributed import runtime as distributed
 from tunelab.errors import TunelabError
+from tunelab.memory import PeakMemory, release_freed_host_memory
 from tunelab.tracking import Trackers, provenance
 
 log = logging.getLogger(__name__)
@@ -319,4 +319,5 @@ class _Profiler:
                 self.profile.export_chrome_trace(str(tmp / "trace.json.gz"))
                 table = self.profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
                 write_text(tmp / "key_averages.txt", table + "\n")
-            self.profile = torch.profiler.profile()  # frees the recorded events (gigabytes on CPU) for the steps after
+            self.profile = torch.profiler.profile()  # an unstarted one: the recorded events (gigabytes on CPU) go
+            release_freed_host_memory()
