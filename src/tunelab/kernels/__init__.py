@@ -9,6 +9,9 @@ method is attached (`train.attach_method`).
   `addmm` in the output's dtype, instead of PEFT's fp32 copy of the input, a scaled copy and a sum;
 - the frozen weights that `prepare_model_for_kbit_training` upcast to fp32 (norms, embedding, tied head)
   back in the compute dtype: half their memory, and a bf16 residual stream instead of an fp32 one.
+`train.compile: layers` then compiles each decoder layer with torch.compile (regional compilation: the layers
+share one compiled graph, so compiling costs one layer's time, not the model's); gradient checkpointing and its
+offload stay outside the compiled region.
 Liger is patched per instance (bound methods), never module-wide, so a second model in the same process
 (the bench's plain loop) is untouched. `auto` is `liger` on CUDA and `none` elsewhere, so the CPU path and CI
 never import Liger or Triton. What ran is recorded as `kernels` in train_metrics.json.
@@ -57,6 +60,12 @@ def apply(model, train):
         _liger(base)
         fused = fuse_lora(model)
         log.info("kernels liger: fused loss, RMSNorm, SwiGLU; %d LoRA layers fused", fused)
+    if train.compile == "layers":
+        layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+        for layer in layers:
+            layer.compile()  # nn.Module.compile: the module's own call compiled, hooks and wrappers left outside
+        log.info("compile layers: %d decoder layers", len(layers))
+        kernels += "+compile"
     setattr(model, APPLIED, kernels)
     return model
 
