@@ -4,8 +4,6 @@
 # machine while it is warm), joined and checked against its sha256, converted by the base stage to bf16, then
 #   python -m tunelab.kernels.check --model ...    (fast path vs plain loop, 20 LoRA steps, offload on, broken path)
 #   python -m tunelab.generation.check --model ... --variants   (static decoding vs generate, fp32 and bf16)
-# then, with $LEVER_SECONDS left (default 0: none), tunelab alone on the 7B weights of an earlier call in
-# /tmp/models, train.compile none against layers (regional compilation), QLoRA nf4.
 # Run from the directory holding src/ and tests/data/; $PARTS: the part files in order; $WHEELS: a folder of wheels
 # (pydantic, bitsandbytes, liger-kernel, gguf), installed unless /tmp/site already holds them; /tmp/site-extra
 # (transformers 5.24.0 and peft 0.21.2, the project's pins, installed by an earlier call) goes first where it
@@ -36,12 +34,4 @@ for dtype, case in report["cases"].items():
               "top1_agreement", "greedy_identical", "largest_abs_logit", "passed")})
 print("passed", report["passed"], "strict", report["passed_strict"], report["seconds"], "s")
 PY
-left=$(( ${LEVER_SECONDS:-0} - ($(date +%s) - started) ))
-if [ "$left" -gt 60 ]; then
-  timeout $left python3 -m tunelab.bench --arch qwen2.5-7b --method lora --quantization nf4 --attention sdpa \
-    --kernels liger --checkpoint-offload on --compile none layers --sides tunelab --steps 15 --windows 3 \
-    --call "${CALL:-gpu}" --commit "${COMMIT:-}" --model-root /tmp/models --out $OUT/compile 2>&1 | grep -v "it/s]" \
-    > $OUT/compile.log
-  echo "compile lever rc $?"; tail -6 $OUT/compile.log
-fi
 echo "total: $(( $(date +%s) - started )) s"

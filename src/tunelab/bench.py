@@ -63,15 +63,13 @@ class Case:
     kernels: str = "auto"  # tunelab's side's train.kernels; the plain loop has none
     offload: str = "auto"  # tunelab's side's train.checkpoint_offload; the plain loop recomputes on the GPU
     checkpoint_layers: int | None = None  # tunelab's side's train.checkpoint_layers (None: all layers)
-    compile: str = "none"  # tunelab's side's train.compile
 
     @property
     def name(self) -> str:
         return (f"{self.arch} {self.method} {self.quantization} {self.attention}" + (" packed" if self.packing else "")
                 + ("" if self.kernels == "auto" else f" kernels={self.kernels}")
                 + ("" if self.offload == "auto" else f" offload={self.offload}")
-                + ("" if self.checkpoint_layers is None else f" checkpoint_layers={self.checkpoint_layers}")
-                + ("" if self.compile == "none" else f" compile={self.compile}"))
+                + ("" if self.checkpoint_layers is None else f" checkpoint_layers={self.checkpoint_layers}"))
 
 
 def run_bench(cases: list[Case], *, steps: int, batch_size: int, seq_len: int, model_root: Path,
@@ -253,7 +251,7 @@ def _train_config(case: Case, steps: int, batch_size: int) -> TrainConfig:
     return TrainConfig(
         method=case.method, quantization=case.quantization, attention=case.attention, packing=case.packing,
         precision="bf16", kernels=case.kernels, checkpoint_offload=case.offload,
-        checkpoint_layers=case.checkpoint_layers, compile=case.compile, lora=LORA, adalora=AdaLoraConfig(**ADALORA, tinit=edge, tfinal=edge),
+        checkpoint_layers=case.checkpoint_layers, lora=LORA, adalora=AdaLoraConfig(**ADALORA, tinit=edge, tfinal=edge),
         micro_batch_size=batch_size, max_steps=steps, learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM,
         warmup_steps=0, lr_scheduler="constant_with_warmup", gradient_checkpointing=True, eval_every=steps,
         log_every=steps, profile=ProfileConfig(steps=0))
@@ -635,8 +633,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="tunelab's train.checkpoint_offload (one case each)")
     parser.add_argument("--checkpoint-layers", nargs="+", default=["all"],
                         help="tunelab's train.checkpoint_layers: how many decoder layers checkpoint (all, or a number)")
-    parser.add_argument("--compile", nargs="+", choices=["none", "layers"], default=["none"],
-                        help="tunelab's train.compile (one case each)")
     parser.add_argument("--memory-budget-gib", type=float,
                         help="after the cases, search the largest micro-batch of --seq-len tokens that trains LoRA "
                              "with each --budget-quantization under this CUDA memory cap, tunelab (first --kernels "
@@ -656,10 +652,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     if args.memory_fraction and torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
-    cases = [Case(a, m, q, t, k == "on", kernels, offloaded, None if layers == "all" else int(layers), compiled)
+    cases = [Case(a, m, q, t, k == "on", kernels, offloaded, None if layers == "all" else int(layers))
              for a in args.arch for m in args.method for q in args.quantization for t in args.attention
              for k in args.packing for kernels in args.kernels for offloaded in args.checkpoint_offload
-             for layers in args.checkpoint_layers for compiled in args.compile
+             for layers in args.checkpoint_layers
              if not (m == "full" and q != "none")] * args.repeat
     budget_cases = [Case(a, "lora", q, args.attention[0], kernels=args.kernels[0], offload=args.checkpoint_offload[0])
                     for a in args.arch for q in args.budget_quantization] if args.memory_budget_gib else []

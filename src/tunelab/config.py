@@ -222,10 +222,8 @@ class TrainConfig(Frozen):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="settings of the mlflow tracker")
     kernels: Kernels = Field("auto", description="fast training path: liger (Liger-Kernel fused loss, RMSNorm and "
                                                  "SwiGLU, fused LoRA, bf16 frozen weights; CUDA only), none, or auto "
-                                                 "(liger on CUDA, none elsewhere); see tunelab.kernels")
-    compile: Literal["none", "layers"] = Field(
-        "none", description="layers: torch.compile each decoder layer (regional compilation: one compiled graph "
-                            "shared by all layers, LoRA and the fast path's kernels inside); see tunelab.kernels")
+                                                 "(liger on CUDA for unquantized runs, none elsewhere); see "
+                                                 "tunelab.kernels")
     distributed: DistributedConfig | None = Field(
         None, description="several GPUs/nodes: {strategy, zero_stage, gpus, nodes}; one GPU when absent")
 

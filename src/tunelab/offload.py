@@ -43,8 +43,11 @@ def apply(model, train):
     """Make every checkpointed layer of `model` offload its input when `train` resolves to offload; return it."""
     device = next(model.parameters()).device
     mode = resolve(train, device)
-    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
-              and hasattr(m, "_gradient_checkpointing_func")]
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    # the layers transformers checkpoints (the model itself also carries a gradient_checkpointing flag)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)
+              and getattr(m, "gradient_checkpointing", False)]
     total = len(layers)
     if mode != "none" and train.checkpoint_layers is not None and train.checkpoint_layers < total:
         for layer in layers[train.checkpoint_layers:]:

@@ -9,9 +9,6 @@ method is attached (`train.attach_method`).
   `addmm` in the output's dtype, instead of PEFT's fp32 copy of the input, a scaled copy and a sum;
 - the frozen weights that `prepare_model_for_kbit_training` upcast to fp32 (norms, embedding, tied head)
   back in the compute dtype: half their memory, and a bf16 residual stream instead of an fp32 one.
-`train.compile: layers` then compiles each decoder layer with torch.compile (regional compilation: the layers
-share one compiled graph, so compiling costs one layer's time, not the model's); gradient checkpointing and its
-offload stay outside the compiled region.
 Liger is patched per instance (bound methods), never module-wide, so a second model in the same process
 (the bench's plain loop) is untouched. `auto` is `liger` on CUDA and `none` elsewhere, so the CPU path and CI
 never import Liger or Triton. What ran is recorded as `kernels` in train_metrics.json.
@@ -32,9 +29,11 @@ log = logging.getLogger(__name__)
 APPLIED = "_tunelab_kernels"  # attribute on the returned model: the kernels that ran
 
 
-def resolve(requested: str, device: torch.device) -> str:
-    """The kernels a run uses: `auto` is liger on CUDA (when Liger-Kernel is installed), else none."""
-    if requested == "none":
+def resolve(requested: str, device: torch.device, quantization: str = "none") -> str:
+    """The kernels a run uses: `auto` is liger on CUDA (when Liger-Kernel is installed) for unquantized runs, else
+    none. A quantized run (QLoRA) gets liger only when asked for: on real weights (SmolLM2-135M, call
+    gpu-20261201-2, BENCHMARKS.md) its loss parted from the plain path's by up to 2.8 % (the check allows 1 %)."""
+    if requested == "none" or (requested == "auto" and quantization != "none"):
         return "none"
     available = device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
     if requested == "liger" and not available:
@@ -51,7 +50,7 @@ def resolve(requested: str, device: torch.device) -> str:
 def apply(model, train):
     """Put `model` (the method attached) on the fast path `train.kernels` resolves to; return it."""
     device = next(model.parameters()).device
-    kernels = resolve(train.kernels, device)
+    kernels = resolve(train.kernels, device, train.quantization)
     if kernels == "liger":
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision)
         if dtype is not None:
@@ -60,12 +59,6 @@ def apply(model, train):
         _liger(base)
         fused = fuse_lora(model)
         log.info("kernels liger: fused loss, RMSNorm, SwiGLU; %d LoRA layers fused", fused)
-    if train.compile == "layers":
-        layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-        for layer in layers:
-            layer.compile()  # nn.Module.compile: the module's own call compiled, hooks and wrappers left outside
-        log.info("compile layers: %d decoder layers", len(layers))
-        kernels += "+compile"
     setattr(model, APPLIED, kernels)
     return model
 
