@@ -37,8 +37,8 @@ def _lora_gradients(path, checkpointing: bool, offloaded: str, precision: str = 
     if calls is not None:
         decoder_layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
         calls.extend([0] * len(decoder_layers))
-        for index, layer in enumerate(decoder_layers):
-            layer.register_forward_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+        for index, layer in enumerate(decoder_layers):  # the MLP starts again when recomputed
+            layer.mlp.register_forward_pre_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
     for name, param in model.named_parameters():
         if "lora_B" in name:  # non-zero, so that both adapter matrices get gradients
             torch.nn.init.normal_(param, std=0.05)

@@ -95,14 +95,15 @@ def real_examples(model_dir: Path, records: Path, count: int, max_length: int = 
 
 
 def lora_run(path: Path, examples: list[dict], quantization: str, kernels_choice: str, *, steps: int,
-             fast=None, precision: str = "bf16", pad_id: int = 0, checkpoint_offload: str = "auto") -> dict:
+             fast=None, precision: str = "bf16", pad_id: int = 0, checkpoint_offload: str = "auto",
+             learning_rate: float = 1e-3) -> dict:
     """`steps` steps of LoRA through train.fit; the per-step losses and the first step's LoRA gradients
     (clipping is off, so that their norms compare). `fast`, when given, is applied to the model after
     train.attach_method (the CPU test's and the broken path's hook)."""
     config = TrainConfig(method="lora", quantization=quantization, precision=precision, kernels=kernels_choice,
                          checkpoint_offload=checkpoint_offload,
                          lora=LoraConfig(r=16, alpha=32, dropout=0.0), micro_batch_size=16, max_steps=steps,
-                         learning_rate=1e-3, max_grad_norm=1e6, warmup_steps=0, lr_scheduler="constant_with_warmup",
+                         learning_rate=learning_rate, max_grad_norm=1e6, warmup_steps=0, lr_scheduler="constant_with_warmup",
                          gradient_checkpointing=True, eval_every=steps, log_every=steps, group_by_length=False,
                          profile=ProfileConfig(steps=0))
     torch.manual_seed(0)
