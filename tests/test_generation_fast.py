@@ -39,9 +39,12 @@ def test_static_path_equals_generate_and_the_check_catches_an_off_by_one(confide
     assert result["max_abs_logit_difference"] < 1e-3, result
     broken = equivalence(confident, StaticDecoder(confident, compiled=False, broken=True), prompts, 16, batch_size=8)
     assert not broken["passed"] and broken["max_abs_logit_difference"] > 1.0, broken
-    # the diagnostic `forward` path: the plain forward pass over prompt + generate's tokens is the same function
-    forward = equivalence(confident, None, prompts, 16, batch_size=8)
-    assert forward["top1_agreement"] == 1.0 and forward["max_abs_logit_difference"] < 1e-3, forward
+    # the diagnostic paths compute the same function: the plain forward pass over prompt + generate's tokens, the
+    # decoder without the grouped attention, and with the head's product kept in float32
+    for decoder in (None, StaticDecoder(confident, compiled=False, grouped=False),
+                    StaticDecoder(confident, compiled=False, fp32_logits=True)):
+        result = equivalence(confident, decoder, prompts, 16, batch_size=8)
+        assert result["top1_agreement"] == 1.0 and result["max_abs_logit_difference"] < 1e-3, result
 
 
 def test_a_stop_token_in_the_models_own_config_changes_neither_path(confident):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from tunelab.errors import TunelabError
 
@@ -43,8 +44,6 @@ def apply(model, train):
     """Make every checkpointed layer of `model` offload its input when `train` resolves to offload; return it."""
     device = next(model.parameters()).device
     mode = resolve(train, device)
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     # the layers transformers checkpoints (the model itself also carries a gradient_checkpointing flag)
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)
               and getattr(m, "gradient_checkpointing", False)]
