@@ -173,3 +173,11 @@ def test_budget_rows_record_the_largest_fitting_batch_and_every_probe(tmp_path):
     assert "| qwen2.5-7b | lora | nf4 | 15 | tunelab | 24 × 1024 | 24,576 | 9,830 |" in text
     assert "16 ✓, 32 ✗, 24 ✓" in text and "| 1.00 / 0.800 |" in text
     assert "### Call `c2`" not in text  # budget rows stay out of the fixed-shape tables
+
+
+def test_checkpoint_layers_reaches_tunelabs_config_and_names_the_case():
+    from tunelab.bench import Case, _train_config
+
+    case = Case("tiny", "lora", "nf4", "sdpa", kernels="liger", offload="on", checkpoint_layers=14)
+    assert _train_config(case, 5, 4).checkpoint_layers == 14 and case.name.endswith("checkpoint_layers=14")
+    assert _train_config(Case("tiny", "lora", "none", "sdpa"), 5, 4).checkpoint_layers is None

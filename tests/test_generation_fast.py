@@ -39,6 +39,28 @@ def test_static_path_equals_generate_and_the_check_catches_an_off_by_one(confide
     assert result["max_abs_logit_difference"] < 1e-3, result
     broken = equivalence(confident, StaticDecoder(confident, compiled=False, broken=True), prompts, 16, batch_size=8)
     assert not broken["passed"] and broken["max_abs_logit_difference"] > 1.0, broken
+    # the diagnostic paths compute the same function: the plain forward pass over prompt + generate's tokens, the
+    # decoder without the grouped attention, and with the head's product kept in float32
+    for decoder in (None, StaticDecoder(confident, compiled=False, grouped=False),
+                    StaticDecoder(confident, compiled=False, fp32_logits=True)):
+        result = equivalence(confident, decoder, prompts, 16, batch_size=8)
+        assert result["top1_agreement"] == 1.0 and result["max_abs_logit_difference"] < 1e-3, result
+
+
+def test_a_stop_token_in_the_models_own_config_changes_neither_path(confident):
+    """The check asks for exactly N tokens with no stop token. `generate` fills an eos_token_id left unset from the
+    model's generation config (with min_new_tokens it would then mask it out of its choices): here the model's
+    eos is a token the chain produces, and both paths still run N steps and agree."""
+    prompts = chain_prompts(TINY["vocab_size"], 16, 4, 12, seed=5)
+    ids, mask = left_padded(prompts, 0, "cpu")
+    chosen = StaticDecoder(confident, compiled=False).generate(ids, mask, 12).tokens
+    before = confident.generation_config.eos_token_id
+    confident.generation_config.eos_token_id = int(chosen[0, 3])  # a token greedy decoding picks
+    try:
+        result = equivalence(confident, StaticDecoder(confident, compiled=False), prompts, 12, batch_size=8)
+    finally:
+        confident.generation_config.eos_token_id = before
+    assert result["greedy_identical"] == 1.0 and result["passed"], result
 
 
 def test_stop_tokens_end_rows_as_generate_ends_them(confident):

@@ -25,12 +25,20 @@ def learned(tmp_path_factory):
     return path
 
 
-def _lora_gradients(path, checkpointing: bool, offloaded: str, precision: str = "fp32") -> tuple[str, torch.Tensor]:
-    """One forward and backward of LoRA (dropout 0.1) on a second chain; every LoRA gradient, flattened."""
+def _lora_gradients(path, checkpointing: bool, offloaded: str, precision: str = "fp32", layers: int | None = None,
+                    calls: list | None = None) -> tuple[str, torch.Tensor]:
+    """One forward and backward of LoRA (dropout 0.1) on a second chain; every LoRA gradient, flattened. `layers`:
+    train.checkpoint_layers; `calls` gets how often each decoder layer's forward ran (twice where recomputed)."""
     config = TrainConfig(method="lora", precision=precision, gradient_checkpointing=checkpointing,
-                         checkpoint_offload=offloaded, lora=LoraConfig(r=4, alpha=8, dropout=0.1))
+                         checkpoint_offload=offloaded, checkpoint_layers=layers,
+                         lora=LoraConfig(r=4, alpha=8, dropout=0.1))
     torch.manual_seed(0)
     model = train.attach_method(modeling.load_model(path, config, for_training=True), config)
+    if calls is not None:
+        decoder_layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+        calls.extend([0] * len(decoder_layers))
+        for index, layer in enumerate(decoder_layers):  # the MLP starts again when recomputed
+            layer.mlp.register_forward_pre_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
     for name, param in model.named_parameters():
         if "lora_B" in name:  # non-zero, so that both adapter matrices get gradients
             torch.nn.init.normal_(param, std=0.05)
@@ -73,6 +81,21 @@ def _redrawn(path) -> torch.Tensor:
     finally:
         torch.manual_seed = original
         torch.set_rng_state(state)
+
+
+@pytest.mark.parametrize("offloaded", ["on", "off"])
+def test_checkpoint_layers_leaves_the_last_layers_unrecomputed_with_the_same_gradients(learned, offloaded):
+    calls = []
+    mode, partial = _lora_gradients(learned, True, offloaded, layers=1, calls=calls)
+    assert mode == ("offload" if offloaded == "on" else "recompute") + " 1/3 layers"
+    assert calls == [2, 1, 1]  # the first layer recomputed in the backward, the other two not
+    _, whole = _lora_gradients(learned, False, "auto")
+    assert _agree(partial, whole, 1e-5)
+    calls = []
+    assert _lora_gradients(learned, True, offloaded, layers=3, calls=calls)[0] in ("offload", "recompute")
+    assert calls == [2, 2, 2]
+    with pytest.raises(ValueError, match="checkpoint_layers chooses how many layers gradient checkpointing covers"):
+        TrainConfig(checkpoint_layers=2)
 
 
 def test_offloaded_checkpointing_under_bf16_autocast(learned):

@@ -62,12 +62,14 @@ class Case:
     packing: bool = False  # tunelab's side packs; the plain loop always pads
     kernels: str = "auto"  # tunelab's side's train.kernels; the plain loop has none
     offload: str = "auto"  # tunelab's side's train.checkpoint_offload; the plain loop recomputes on the GPU
+    checkpoint_layers: int | None = None  # tunelab's side's train.checkpoint_layers (None: all layers)
 
     @property
     def name(self) -> str:
         return (f"{self.arch} {self.method} {self.quantization} {self.attention}" + (" packed" if self.packing else "")
                 + ("" if self.kernels == "auto" else f" kernels={self.kernels}")
-                + ("" if self.offload == "auto" else f" offload={self.offload}"))
+                + ("" if self.offload == "auto" else f" offload={self.offload}")
+                + ("" if self.checkpoint_layers is None else f" checkpoint_layers={self.checkpoint_layers}"))
 
 
 def run_bench(cases: list[Case], *, steps: int, batch_size: int, seq_len: int, model_root: Path,
@@ -248,7 +250,8 @@ def _train_config(case: Case, steps: int, batch_size: int) -> TrainConfig:
     edge = min(2, (steps - 1) // 2)  # AdaLoRA's tinit/tfinal; a budgeting phase must remain
     return TrainConfig(
         method=case.method, quantization=case.quantization, attention=case.attention, packing=case.packing,
-        precision="bf16", kernels=case.kernels, checkpoint_offload=case.offload, lora=LORA, adalora=AdaLoraConfig(**ADALORA, tinit=edge, tfinal=edge),
+        precision="bf16", kernels=case.kernels, checkpoint_offload=case.offload,
+        checkpoint_layers=case.checkpoint_layers, lora=LORA, adalora=AdaLoraConfig(**ADALORA, tinit=edge, tfinal=edge),
         micro_batch_size=batch_size, max_steps=steps, learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM,
         warmup_steps=0, lr_scheduler="constant_with_warmup", gradient_checkpointing=True, eval_every=steps,
         log_every=steps, profile=ProfileConfig(steps=0))
@@ -628,6 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commit", default=None, help="tunelab commit measured (results.jsonl)")
     parser.add_argument("--checkpoint-offload", nargs="+", choices=["auto", "on", "off"], default=["auto"],
                         help="tunelab's train.checkpoint_offload (one case each)")
+    parser.add_argument("--checkpoint-layers", nargs="+", default=["all"],
+                        help="tunelab's train.checkpoint_layers: how many decoder layers checkpoint (all, or a number)")
     parser.add_argument("--memory-budget-gib", type=float,
                         help="after the cases, search the largest micro-batch of --seq-len tokens that trains LoRA "
                              "with each --budget-quantization under this CUDA memory cap, tunelab (first --kernels "
@@ -647,9 +652,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     if args.memory_fraction and torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
-    cases = [Case(a, m, q, t, k == "on", kernels, offloaded) for a in args.arch for m in args.method
-             for q in args.quantization for t in args.attention for k in args.packing for kernels in args.kernels
-             for offloaded in args.checkpoint_offload if not (m == "full" and q != "none")] * args.repeat
+    cases = [Case(a, m, q, t, k == "on", kernels, offloaded, None if layers == "all" else int(layers))
+             for a in args.arch for m in args.method for q in args.quantization for t in args.attention
+             for k in args.packing for kernels in args.kernels for offloaded in args.checkpoint_offload
+             for layers in args.checkpoint_layers
+             if not (m == "full" and q != "none")] * args.repeat
     budget_cases = [Case(a, "lora", q, args.attention[0], kernels=args.kernels[0], offload=args.checkpoint_offload[0])
                     for a in args.arch for q in args.budget_quantization] if args.memory_budget_gib else []
     run_bench(cases, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, model_root=args.model_root,

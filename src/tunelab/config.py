@@ -202,6 +202,10 @@ class TrainConfig(Frozen):
         "auto", description="with gradient_checkpointing, keep each layer's input in pinned CPU memory until its "
                             "backward (on), on the GPU (off), or auto (on for one CUDA process, else off); "
                             "see tunelab.offload")
+    checkpoint_layers: int | None = Field(
+        None, ge=0, description="with gradient_checkpointing, how many decoder layers (the first ones) are "
+                                "checkpointed; the others keep their activations for the backward: no recomputation "
+                                "(faster), more memory; null: all; see tunelab.offload")
     group_by_length: bool = True
     packing: bool = Field(False, description="each micro-batch as one padding-free row (position ids restart per "
                                              "example; best with flash_attention_2)")
@@ -218,7 +222,8 @@ class TrainConfig(Frozen):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="settings of the mlflow tracker")
     kernels: Kernels = Field("auto", description="fast training path: liger (Liger-Kernel fused loss, RMSNorm and "
                                                  "SwiGLU, fused LoRA, bf16 frozen weights; CUDA only), none, or auto "
-                                                 "(liger on CUDA, none elsewhere); see tunelab.kernels")
+                                                 "(liger on CUDA for unquantized runs, none elsewhere); see "
+                                                 "tunelab.kernels")
     distributed: DistributedConfig | None = Field(
         None, description="several GPUs/nodes: {strategy, zero_stage, gpus, nodes}; one GPU when absent")
 
@@ -245,6 +250,9 @@ class TrainConfig(Frozen):
         if self.checkpoint_offload == "on" and not self.gradient_checkpointing:
             raise ValueError("checkpoint_offload on offloads the checkpointed layer inputs and needs "
                              "gradient_checkpointing: true (or set checkpoint_offload: auto)")
+        if self.checkpoint_layers is not None and not self.gradient_checkpointing:
+            raise ValueError("checkpoint_layers chooses how many layers gradient checkpointing covers and needs "
+                             "gradient_checkpointing: true (or leave checkpoint_layers out)")
         if self.checkpoint_offload == "on" and self.distributed:
             raise ValueError("checkpoint_offload on is for one process; with distributed set checkpoint_offload: "
                              "auto or off")
@@ -272,7 +280,7 @@ class TrainConfig(Frozen):
 
 # TrainConfig fields that change how a run is logged and checkpointed (activations included), never its result
 BOOKKEEPING = frozenset({"checkpoint_every", "checkpoint_keep", "log_every", "tracking", "wandb", "mlflow",
-                         "checkpoint_offload"})
+                         "checkpoint_offload", "checkpoint_layers"})
 
 
 class GenerationConfig(Frozen):

@@ -60,11 +60,20 @@ class StaticDecoder:
     """Greedy generation for one model; `compiled` (a CUDA GPU) captures the decoding step in a CUDA graph.
     A cache of each (batch, length) shape is kept and reused, so the compiled step is traced once per shape."""
 
-    def __init__(self, model, *, compiled: bool, broken: bool = False):
-        self.model, self.compiled = model, compiled
+    def __init__(self, model, *, compiled: bool, broken: bool = False, grouped: bool = True,
+                 emulate_casts: bool = False, fp32_logits: bool = False):
+        self.model, self.compiled, self.grouped = model, compiled, grouped
+        # fp32_logits: the head's product from the last hidden state kept in float32 instead of rounded to the
+        # model's dtype (bf16 logits of 16-32 are spaced 0.125 apart); a float32 copy of the head's weights
+        self._head = model.get_output_embeddings().weight.float() if fp32_logits else None
         self.broken = broken  # the check's deliberately wrong variant: each step is fed the token before the last
         self._caches: dict[tuple[int, int], object] = {}
-        self._step = (torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        # emulate_casts: Inductor rounds fused intermediates to the model's dtype where eager rounds them
+        # (bf16), so that compiling changes the kernels but not the rounding (generation/check.py measures it)
+        # (mode reduce-overhead is the option triton.cudagraphs; torch.compile takes a mode or options, not both)
+        settings = ({"options": {"triton.cudagraphs": True, "emulate_precision_casts": True}} if emulate_casts
+                    else {"mode": "reduce-overhead"})
+        self._step = (torch.compile(self._decode_step, fullgraph=True, dynamic=False, **settings)
                       if compiled else self._decode_step)
 
     @contextlib.contextmanager
@@ -73,7 +82,7 @@ class StaticDecoder:
         `generate` on the same model runs as it always does)."""
         config = self.model.config
         before = config._attn_implementation
-        if before == "sdpa":
+        if before == "sdpa" and self.grouped:
             _register_grouped()
             config._attn_implementation = GROUPED
         try:
@@ -82,9 +91,15 @@ class StaticDecoder:
             config._attn_implementation = before
 
     def _decode_step(self, tokens, positions, mask, cache, finished, stops, pad):
-        logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
-                            use_cache=True).logits[:, -1]
+        logits = self._logits(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache)
         return logits, *_choose(logits, finished, stops, pad)
+
+    def _logits(self, **inputs) -> torch.Tensor:
+        """The last position's logits, [batch, vocab]."""
+        if self._head is None:
+            return self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
+        hidden = self.model.get_decoder()(**inputs, use_cache=True).last_hidden_state[:, -1]
+        return hidden.float() @ self._head.T
 
     def _cache(self, batch: int, length: int):
         from transformers import StaticCache
@@ -124,8 +139,7 @@ class StaticDecoder:
         out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
         kept: list[torch.Tensor] = []
 
-        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=prompt_positions, cache=cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = self._logits(input_ids=input_ids, attention_mask=mask, position_ids=prompt_positions, cache=cache)
         chosen, now_finished = _choose(logits, finished, stops, pad)
         for step in range(max_new_tokens):
             if keep_logits:

