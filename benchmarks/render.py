@@ -170,10 +170,25 @@ def check_table(checks: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def export_table(rows: list[dict]) -> str:
+    """Generation tokens/s and size on disk of the deployable formats, per call, model and batch."""
+    lines = ["| call | model | batch | format | tok/s (median, range) | size on disk | vs int8 |", "|---|---|---|---|---|---|---|"]
+    int8 = {(r["call"], r["model"], r["batch"]): r for r in rows if r["side"] == "int8"}
+    for row in rows:
+        reference = int8.get((row["call"], row["model"], row["batch"]))
+        ratio = f"{row['tok_s'] / reference['tok_s']:.2f}× speed, {row['size_bytes'] / reference['size_bytes']:.2f}× size" \
+            if reference else "–"
+        lines.append(f"| {row['call']} | {row['model']} | {row['batch']} | {row['side']} | {row['tok_s']:,.1f} "
+                     f"({row['tok_s_range'][0]:,.1f}–{row['tok_s_range'][1]:,.1f}) | {row['size_bytes'] / 1e9:.2f} GB "
+                     f"| {ratio} |")
+    return "\n".join(lines)
+
+
 def render(results: Path, checks: Path, generation_checks: Path) -> str:
     rows = read(results)
     training = [row for row in rows if row.get("task", "training") == "training"]
     generation = [row for row in rows if row.get("task") == "generation"]
+    exports = [row for row in rows if row.get("task") == "export_generation"]
     return "\n".join([BEGIN, "## Side by side with Unsloth (issue 12; generated from benchmarks/results.jsonl)", "",
                       speed_tables(training), "", budget_table(training), "",
                       "### Fast path equals the plain path (benchmarks/checks.jsonl, `python -m tunelab.kernels.check`)",
@@ -200,7 +215,13 @@ def render(results: Path, checks: Path, generation_checks: Path) -> str:
                       "top-1 agreement ≥ 99.5 %, greedy outputs identical on ≥ 95 % of prompts. In bf16 the logits "
                       "are bf16 numbers (spacing 0.125 between 16 and 32), so the logit bar there is the larger of "
                       "0.1 and that spacing. `broken` (each step fed the token before the one just chosen) must fail.",
-                      "", generation_check_table(read(generation_checks)), END])
+                      "", generation_check_table(read(generation_checks)), "",
+                      "## Deployable formats (issue 14; rows with `task: export_generation`)", "",
+                      "The bf16 merged model, its LLM.int8 export and its pruned int8 export (20 % of the MLP channels "
+                      "removed, no key-value group of 2 at that share), random weights of the real shape, `generate` for "
+                      "each, exactly 128 new tokens after 128 prompt tokens, 3 interleaved repeats. "
+                      "`python -m tunelab.generation.export_bench` (benchmarks/gpu_exports.sh).", "",
+                      export_table(exports), END])
 
 
 def update(markdown: str, section: str) -> str:
