@@ -18,6 +18,7 @@ import logging
 
 import torch
 
+from tunelab import modeling
 from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def resolve(train, device: torch.device) -> str:
 
 def apply(model, train):
     """Make every checkpointed layer of `model` offload its input when `train` resolves to offload; return it."""
-    device = next(model.parameters()).device
+    device = modeling.model_device(model)  # a rank's model may still be on the meta device
     mode = resolve(train, device)
     if mode == "offload":
         offloader = Offloader(device)
