@@ -27,6 +27,7 @@ CATEGORIES = ["add" if i % 2 else "copy" for i in range(RECORDS)]
 # run: (share of records answered right, seed of which ones, median tokens/s per step, median GiB per step)
 RUNS = {"base-m": (0.05, 0, None, None), "run-good": (0.9, 1, 1000.0, 10.0), "run-b": (0.5, 2, 1010.0, 10.02),
         "run-c": (0.52, 3, 2000.0, 5.0)}
+GPUS = {"run-good": 2, "run-b": 1, "run-c": 1}  # what each trained on (0 for every run of a CPU study)
 
 
 def _study(root: Path, runs: list[str], memory_kind: str = "cuda") -> Path:
@@ -52,7 +53,8 @@ def _study(root: Path, runs: list[str], memory_kind: str = "cuda") -> Path:
         write_json(out / "merge.json", {"size_bytes": 1_046_000_000, "max_logit_difference_vs_trained": 0.003873})
         write_json(out / "train_metrics.json", {
             "trainable_parameters": 1046, "peak_memory_gib": memory, "memory_kind": memory_kind,
-            "tokens_per_second": speed, "padding_fraction": 0.1, "wall_seconds": 10740.0,
+            "tokens_per_second": speed, "padding_fraction": 0.1, "wall_seconds": 10740.0, "nodes": 1,
+            "gpus": 0 if memory_kind == "cpu_rss" else GPUS[run],
             "final_validation_loss": 1.2, "loss_curve": [[1, 3.0], [2, 2.0]], "validation_loss_curve": [[2, 2.1]],
             "step_tokens_per_second": [[i, speed * f] for i, f in enumerate(steps[:, 0], 2)],
             "step_peak_memory_gib": [[i, memory * f] for i, f in enumerate(steps[:, 1], 2)],
@@ -72,7 +74,8 @@ def three_runs(tmp_path_factory) -> Path:
 def _verdict(report: Path) -> list[str]:
     lines = (report / "report.md").read_text().splitlines()
     return [line for line in lines[:lines.index("| run | method | quantization | peak GiB | train tokens/s | "
-                                                 "exact match | BLEU | ROUGE-L | latency p50 (batch 1, ms) |")]
+                                                 "GPUs (GPU-h) | exact match | BLEU | ROUGE-L | "
+                                                 "latency p50 (batch 1, ms) |")]
             if line.startswith("- ")]
 
 
@@ -111,6 +114,11 @@ def test_cpu_memory_is_rss_and_not_ranked(tmp_path):
     assert "- Peak memory is the process's RSS on CPU (interpreter and libraries included): shown, not ranked." \
         in markdown
     assert "| run | method | quantization | peak RSS GiB (CPU) |" in markdown and "Least" not in markdown
+    # trained on the CPU: no GPU was paid for, and the table says so instead of showing a cost
+    row = next(line for line in markdown.splitlines() if line.startswith("| run-c |"))
+    assert row.split(" | ")[5] == "0 (CPU)", row
+    rows = {row["run"]: row for row in csv.DictReader(open(tmp_path / "report" / "summary.csv"))}
+    assert (rows["run-c"]["gpus"], rows["run-c"]["gpu_hours"]) == ("0", "0.0")
 
 
 def test_headline_table_is_short_consistent_and_0_to_100(three_runs):
@@ -125,6 +133,12 @@ def test_headline_table_is_short_consistent_and_0_to_100(three_runs):
         figure, low, high = map(float, re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", good[metric]).groups())
         assert 0 <= low <= figure <= high <= 100
     assert float(good["exact match"].split()[0]) > 80  # a 0-100 scale, not 0-1
+    # what training cost: 2 GPUs for 10,740 s are 5.97 GPU-hours; a base row trained nothing
+    base = dict(zip(header, table[1].strip("| ").split(" | ")))
+    assert good["GPUs (GPU-h)"] == "2 (5.97)" and base["run"] == "base-m" and base["GPUs (GPU-h)"] == "–"
+    rows = {row["run"]: row for row in csv.DictReader(open(three_runs / "summary.csv"))}
+    assert [rows[run]["gpu_hours"] for run in ("run-good", "run-b", "base-m")] == ["5.966667", "2.983333", ""]
+    assert [rows[run]["gpus"] for run in ("run-good", "run-b", "base-m")] == ["2", "1", ""]
     assert "| run | add | copy |" in lines  # exact match per task family
     assert not re.search(r"\d[eE][+-]\d", "\n".join(lines))
 
@@ -151,14 +165,14 @@ def test_full_table_keeps_every_column_and_any_new_one(tmp_path):
 
     original = report._evaluated
     try:  # a column another stage adds to the rows lands in summary.csv and the HTML's full table
-        report._evaluated = lambda *args: {**original(*args), "gpus": 8}
+        report._evaluated = lambda *args: {**original(*args), "energy_kwh": 8}
         run_report(load_study(study), tmp_path / "runs", tmp_path / "report2")
     finally:
         report._evaluated = original
     columns = next(csv.reader(open(tmp_path / "report2" / "summary.csv")))
-    assert {"exact_match", "exact_match_ci95_low", "exact_match[add]", "latency_p95_seconds", "gpus"} <= set(columns)
+    assert {"exact_match", "exact_match_ci95_low", "exact_match[add]", "latency_p95_seconds", "energy_kwh"} <= set(columns)
     page = (tmp_path / "report2" / "report.html").read_text()
-    assert "<th>gpus</th>" in page and "<th>generation tokens/s (batched)</th>" in page
+    assert "<th>energy_kwh</th>" in page and "<th>generation tokens/s (batched)</th>" in page
 
 
 def test_report_needs_no_training_or_scoring_packages(three_runs, tmp_path):

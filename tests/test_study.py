@@ -62,6 +62,8 @@ def test_report_has_one_filled_row_per_run(tiny_study):
                        "train_wall_seconds", "rouge_l_delta_vs_base", "bertscore_f1_delta_vs_base", "p_vs_base"):
             assert row[column] != "", f"{row['run']}: {column} is empty"
         assert all(0 <= float(row[metric]) <= 100 for metric in ("exact_match", "rouge_l", "bertscore_f1"))
+        # the training cost: GPUs x train wall time (0 GPUs and 0 GPU-hours where it trained on the CPU)
+        assert abs(float(row["gpu_hours"]) - int(row["gpus"]) * float(row["train_wall_seconds"]) / 3600) < 1e-5, row
 
 
 def test_fine_tuning_beats_the_untrained_base_on_test_loss(tiny_study):

@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from tunelab import hub
+from tunelab import gpus, hub
 from tunelab.config import Study, check_runtime, load_study
 from tunelab.errors import TunelabError
 
@@ -160,6 +160,7 @@ STAGES = {
     "status": (_status, "where each run of a study stands (stage, step, loss, tokens/s, ETA), from its results",
                ("results", "watch")),
 }
+GPU_STAGES = ("merge", "export", "generate", "serve")  # train: its run's GPUs
 OPTIONS = {"model": (str, "model name from the study's models"), "run": (str, "run name from the study's runs"),
            "data": (Path, "the data stage's directory"), "base": (Path, "the base stage's directory of the model"),
            "tokens": (Path, "the tokenize stage's directory of the model"), "out": (Path, "output directory"),
@@ -179,6 +180,15 @@ OPTIONAL = {  # options of `generate --model`: an argument list, not Snakemake's
     "max_batch_size": dict(flags=["--max-batch-size"], type=int, default=32,
                            help="most requests' rows run together on the model (default 32)"),
 }
+
+
+def _gpus_used(study: Study, args) -> int:
+    """GPUs the stage takes if the machine has them (tunelab.gpus claims them): a run's GPUs per node for train,
+    one for the other stages whose rules ask for a GPU, none for the rest."""
+    if args.stage == "train":
+        distributed = study.run(args.run).train.distributed
+        return distributed.gpus if distributed else 1
+    return 1 if args.stage in GPU_STAGES else 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -207,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         study = load_study(args.config)
+        gpus.claim(_gpus_used(study, args), " ".join(["tunelab", args.stage, getattr(args, "run", None) or ""]).strip())
         STAGES[args.stage][0](study, args)
     except TunelabError as err:
         print(f"tunelab {args.stage}: error: {err}", file=sys.stderr)

@@ -170,6 +170,10 @@ UNSUPPORTED_DISTRIBUTED = (
      "bitsandbytes' Int8Params keep their quantization state (CB, SCB) on the weight object, which FSDP2 replaces by "
      "a plain all-gathered tensor (\"'Parameter' object has no attribute 'CB'\" in Linear8bitLt.forward; Linear4bit "
      "restores its state from the module); use quantization nf4 or strategy ddp"),
+    (lambda t, d: d.strategy == "deepspeed" and d.zero_stage == 3 and d.world_size > 1 and t.kernels == "liger",
+     "ZeRO-3 gathers a weight only while its own module runs, and Liger's fused loss reads lm_head.weight (tunelab's "
+     "fused LoRA the adapters' weights) without running that module, so it would get this rank's empty partition; "
+     "use kernels auto (the plain path under ZeRO-3), zero_stage 2 or strategy fsdp"),
     (lambda t, d: d.strategy == "fsdp" and t.optimizer != "adamw_torch",
      "bitsandbytes' 8-bit/paged optimizers run their own kernels on each weight, and FSDP2's weights are DTensor "
      "shards ('Operator bitsandbytes.optimizer_update_32bit.default does not have a sharding strategy "
@@ -275,7 +279,8 @@ class TrainConfig(Frozen):
                 stage = f" (zero_stage {distributed.zero_stage})" if distributed.strategy == "deepspeed" else ""
                 raise ValueError(f"distributed: strategy {distributed.strategy}{stage} "
                                  f"with method {self.method}, quantization {self.quantization}, optimizer "
-                                 f"{self.optimizer}, precision {self.precision} is not supported: {reason}")
+                                 f"{self.optimizer}, precision {self.precision}, kernels {self.kernels} is not "
+                                 f"supported: {reason}")
 
 
 # TrainConfig fields that change how a run is logged and checkpointed (activations included), never its result

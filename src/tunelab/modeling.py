@@ -31,6 +31,13 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def model_device(model) -> torch.device:
+    """Where `model`'s weights are, or will be: a model built on the meta device is materialised on this
+    process's device once sharded (distributed.fsdp)."""
+    placed = next(model.parameters()).device
+    return device() if placed.type == "meta" else placed
+
+
 def train_tiny_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE with Qwen2's pre-tokenizer, trained on `corpus`."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -77,18 +84,27 @@ def load_tokenizer(path: str | Path, padding_side: str = "right"):
     return tokenizer
 
 
-def load_model(path: str | Path, train: TrainConfig, *, for_training: bool):
-    """Load a causal LM with the run's precision, attention and quantization, on the run's device."""
+def load_model(path: str | Path, train: TrainConfig, *, for_training: bool, on_meta: bool = False):
+    """Load a causal LM with the run's precision, attention and quantization, on the run's device. `on_meta`:
+    build it from its config on the meta device instead, no weight read or allocated (an FSDP rank that receives
+    its shards from rank 0, distributed.fsdp)."""
     if not str(path).startswith(("hf:",)) and not Path(path).exists():
         raise TunelabError(f"model path {str(path)!r} does not exist")
-    kwargs = {"dtype": weights_dtype(train, for_training=for_training), "attn_implementation": train.attention,
-              "device_map": {"": str(device())}}  # also places pre-quantized (exported) models, which refuse .to()
-    if train.quantization != "none":
-        kwargs["quantization_config"] = quantization_config(train)
-    if train.quantization == "int8":  # bitsandbytes warns "inputs will be cast ..." at every int8 matmul call
-        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-    model = AutoModelForCausalLM.from_pretrained(str(path).removeprefix("hf:"), **kwargs)
-    if train.quantization == "nf4" and device().type == "cpu":
+    kwargs = {"dtype": weights_dtype(train, for_training=for_training), "attn_implementation": train.attention}
+    if on_meta:
+        from transformers import AutoConfig
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path).removeprefix("hf:")),
+                                                     **kwargs)
+    else:
+        kwargs["device_map"] = {"": str(device())}  # also places pre-quantized (exported) models, which refuse .to()
+        if train.quantization != "none":
+            kwargs["quantization_config"] = quantization_config(train)
+        if train.quantization == "int8":  # bitsandbytes warns "inputs will be cast ..." at every int8 matmul call
+            logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+        model = AutoModelForCausalLM.from_pretrained(str(path).removeprefix("hf:"), **kwargs)
+    if train.quantization == "nf4" and device().type == "cpu" and not on_meta:
         _keep_cpu_4bit_layout(model)
     if for_training and train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -114,10 +130,24 @@ def _keep_cpu_4bit_layout(model) -> None:
 
 
 def autocast(train: TrainConfig, device: torch.device):
-    """A factory of the run's autocast context (a no-op for fp32)."""
+    """A factory of the run's autocast context (a no-op for fp32).
+
+    Where the weights are sharded (FSDP, ZeRO-3) autocast keeps no cache of their bf16/fp16 copies. Its cache
+    lives until the outermost autocast exits, after the whole forward: it would hold a low-precision copy of every
+    gathered trainable weight (2 bytes per parameter of the whole model, on every rank), undoing the sharding.
+    DeepSpeed's engine opens an autocast of its own inside this one without naming `cache_enabled`, so it inherits
+    the setting."""
     if train.precision == "fp32":
         return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=DTYPES[train.precision])
+    return lambda: torch.autocast(device.type, dtype=DTYPES[train.precision], cache_enabled=not shards_weights(train))
+
+
+def shards_weights(train: TrainConfig) -> bool:
+    """The run's weights are sharded over its processes (FSDP, or DeepSpeed ZeRO-3): each rank gathers a layer's
+    weights for its forward and backward and drops them after."""
+    distributed = train.distributed
+    return bool(distributed) and distributed.world_size > 1 and (
+        distributed.strategy == "fsdp" or (distributed.strategy == "deepspeed" and distributed.zero_stage == 3))
 
 
 def weights_dtype(train: TrainConfig, *, for_training: bool = False) -> torch.dtype:

@@ -23,6 +23,7 @@ import logging
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from tunelab import modeling
 from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def resolve(train, device: torch.device) -> str:
 
 def apply(model, train):
     """Make every checkpointed layer of `model` offload its input when `train` resolves to offload; return it."""
-    device = next(model.parameters()).device
+    device = modeling.model_device(model)  # a rank's model may still be on the meta device
     mode = resolve(train, device)
     # the layers transformers checkpoints (the model itself also carries a gradient_checkpointing flag)
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)

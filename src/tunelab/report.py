@@ -30,7 +30,8 @@ LATENCY = ("latency_p50_seconds", "latency_p95_seconds", "ttft_p50_seconds", "pe
 # the full table's order; any other key a row carries follows these
 COLUMNS = ("run", "model", "method", "quantization", "attention", "precision", "export", "size_on_disk_mb",
            "merge_max_logit_difference", "pruned_share", "trainable_parameters", "train_tokens_per_second",
-           "padding_fraction", "peak_memory_gib", "memory_kind", "train_wall_seconds", "final_validation_loss",
+           "padding_fraction", "peak_memory_gib", "memory_kind", "train_wall_seconds", "gpus", "nodes",
+           "gpu_hours", "final_validation_loss",
            "test_loss", *LATENCY, "empty_predictions",
            *(f"{q}{suffix}" for q in QUALITY for suffix in ("", "_ci95_low", "_ci95_high")),
            "base_row", "beats_base_test_loss", "test_loss_delta_vs_base",
@@ -156,9 +157,17 @@ def _trained(run_dir: Path) -> dict:
             "trainable_parameters": metrics["trainable_parameters"], "peak_memory_gib": metrics["peak_memory_gib"],
             "memory_kind": metrics["memory_kind"], "train_tokens_per_second": metrics["tokens_per_second"],
             "padding_fraction": metrics["padding_fraction"], "train_wall_seconds": metrics["wall_seconds"],
-            "final_validation_loss": metrics["final_validation_loss"],
+            **_gpu_cost(metrics), "final_validation_loss": metrics["final_validation_loss"],
             "_step_tokens_per_second": [v for _, v in metrics.get("step_tokens_per_second", [])],
             "_step_peak_memory_gib": [v for _, v in metrics.get("step_peak_memory_gib", [])]}
+
+
+def _gpu_cost(metrics: dict) -> dict:
+    """The GPUs a run trained on (all nodes; 0 on the CPU) and its cost, train wall time x GPUs in GPU-hours
+    (0 on the CPU: no GPU was paid for). Unknown (None) for a train_metrics.json older than the `gpus` key."""
+    gpus = metrics.get("gpus")
+    return {"gpus": gpus, "nodes": metrics.get("nodes"),
+            "gpu_hours": None if gpus is None else gpus * metrics["wall_seconds"] / 3600}
 
 
 def primary_metric(configured: str, rows: list[dict]) -> str:

@@ -25,7 +25,9 @@ LABELS = {"latency_p50_seconds": "latency p50 (batch 1, s)", "latency_p95_second
           "generated_tokens_per_second": "generation tokens/s (batched)"}  # the full table's names for these keys
 NOTES = ("Quality figures are 0-100 with their bootstrap 95 % interval over test records. Peak memory is the GPU's "
          "peak allocation (memory_kind cuda) or, on CPU, the process's peak RSS. Latency is per request at batch 1 "
-         "(p50); generation tokens/s (batched) is in the full table. Runs are scored as they trained (adapters on "
+         "(p50); generation tokens/s (batched) is in the full table. GPUs (GPU-h): the GPUs a run trained on and "
+         "its training cost, train wall time x GPUs in GPU-hours; 0 (CPU) for a run trained on the CPU. "
+         "Runs are scored as they trained (adapters on "
          "their base); export rows (`<run>.<format>`) are the quantized merged model, scored the same way. "
          "Every column is in summary.csv.")
 
@@ -61,18 +63,26 @@ def quality(row: dict, metric: str) -> str:
 
 
 def headline(rows: list[dict], primary: str) -> tuple[list[str], list[list[str]]]:
-    """At most 10 columns: what ran, what it cost, up to four quality figures (the primary first), latency."""
+    """At most 10 columns: what ran, what it cost (memory, speed, GPUs and GPU-hours), up to three quality figures
+    (the primary first; every one is in the full table), latency."""
     scored = [m for m in QUALITY if any(row.get(m) is not None for row in rows)]
-    shown = [primary, *[m for m in scored if m != primary][:3]]
+    shown = [primary, *[m for m in scored if m != primary][:2]]
     shown.sort(key=list(QUALITY).index)
     rss = any(row.get("memory_kind") == "cpu_rss" for row in rows)
     header = ["run", "method", "quantization", "peak RSS GiB (CPU)" if rss else "peak GiB", "train tokens/s",
-              *(QUALITY[m] for m in shown), "latency p50 (batch 1, ms)"]
+              "GPUs (GPU-h)", *(QUALITY[m] for m in shown), "latency p50 (batch 1, ms)"]
     body = [[row["run"], row["method"], _quantization(row), number(row.get("peak_memory_gib")),
-             number(row.get("train_tokens_per_second")), *(quality(row, m) for m in shown),
+             number(row.get("train_tokens_per_second")), gpu_cost(row), *(quality(row, m) for m in shown),
              number(row["latency_p50_seconds"] * 1000) if row.get("latency_p50_seconds") is not None else MISSING]
             for row in rows]
     return header, body
+
+
+def gpu_cost(row: dict) -> str:
+    """`2 (5.97)`: the GPUs a run trained on and its GPU-hours; `0 (CPU)` for a run trained on the CPU."""
+    if row.get("gpus") is None:
+        return MISSING
+    return "0 (CPU)" if row["gpus"] == 0 else f"{row['gpus']} ({number(row['gpu_hours'])})"
 
 
 def _quantization(row: dict) -> str:

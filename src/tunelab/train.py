@@ -42,7 +42,7 @@ def run_train(run: Run, base_dir: Path, tokens_dir: Path, out: Path) -> dict:
     runtime = distributed.from_environment(run.train)  # before loading: it picks this rank's GPU
     path = modeling.base_path(base_dir)
     tokenizer = modeling.load_tokenizer(path)
-    model = attach_method(modeling.load_model(path, run.train, for_training=True), run.train)
+    model = attach_method(runtime.load_model(path, run.train), run.train)
     train_examples = read_jsonl(tokens_dir / "train.jsonl")
     validation_examples = read_jsonl(tokens_dir / "validation.jsonl")
     checkpoints = Checkpoints(out / "checkpoints", run.train, fingerprint(run.train, path, tokens_dir / "train.jsonl"),
@@ -116,7 +116,7 @@ def fit(model, train_examples: list[dict], validation_examples: list[dict], trai
     With `tracking_dir`, the trackers of `train.tracking` log there (tunelab.tracking) from rank 0. With a
     multi-process `runtime` this rank trains on its share of each step (distributed.runtime)."""
     runtime = runtime or distributed.Single()
-    device = next(model.parameters()).device
+    device = modeling.model_device(model)
     model = runtime.shard_model(model)  # FSDP: before the optimizer, which must hold the shards
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, train)

@@ -5,6 +5,13 @@ all-gathered for its forward and backward and dropped after. torch's own API is 
 FSDP plugin: tunelab's loop (runtime.Single's hooks) already does what the plugin's Accelerator would take over
 (accumulation, loss scaling, clipping), and the plugin's FSDP2 path calls the same `fully_shard` per layer.
 
+Only rank 0 reads the base weights. The other ranks build the model from its config on the meta device (no
+memory), attach the method there, shard it, allocate their shards and receive them from rank 0
+(`set_model_state_dict(broadcast_from_rank0=True)`, the adapters' initial values included; the buffers, such as
+the rotary frequencies that no state dict holds, by broadcast), so the host never holds a copy of the model per
+rank. QLoRA keeps loading on every rank: bitsandbytes quantizes while it loads and keeps each 4-bit weight's
+quantization state on the weight object, which a state-dict broadcast into sharded parameters does not rebuild.
+
 Precision stays tunelab's, as under DeepSpeed: weights keep the dtype `modeling.load_model` gave them (fp32
 master weights for full fine-tuning) and autocast computes in the run's precision. QLoRA works because
 bitsandbytes' 4-bit weights are stored in the compute dtype (`bnb_4bit_quant_storage`, modeling.quantization_config),
@@ -20,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from tunelab.config import TrainConfig
 from tunelab.distributed.runtime import DataParallel
 
 log = logging.getLogger(__name__)
@@ -32,9 +40,20 @@ class FullyShard(DataParallel):
     local_gradients = False  # each rank's .grad is its shard (a DTensor): the step-1 zero check would need them all
     mesh = None  # the ranks a weight is sharded over: all of them (torch's default mesh)
 
+    def __init__(self, train: TrainConfig):
+        super().__init__(train)
+        self.from_rank0 = train.quantization == "none"  # see the module docstring (QLoRA loads on every rank)
+
+    def load_model(self, path, train: TrainConfig):
+        from tunelab import modeling
+
+        return modeling.load_model(path, train, for_training=True, on_meta=self.from_rank0 and not self.is_main)
+
     def shard_model(self, model):
         from torch.distributed.fsdp import fully_shard
 
+        # rank 0's whole weights (references: they are freed once every rank has its shards)
+        whole = model.state_dict() if self.from_rank0 and self.is_main else {}
         layer_names = set(_transformers_model(model)._no_split_modules or ())
         layers = [module for module in model.modules() if type(module).__name__ in layer_names]
         if not layers:
@@ -43,7 +62,23 @@ class FullyShard(DataParallel):
             fully_shard(layer, mesh=self.mesh)
         fully_shard(model, mesh=self.mesh)
         log.info("FSDP2: %d layers and the root sharded over %d ranks", len(layers), self.world_size)
+        if self.from_rank0:
+            self._receive_from_rank0(model, whole)
         return model
+
+    def _receive_from_rank0(self, model, whole: dict) -> None:
+        """Allocate this rank's shards (the other ranks' models are on the meta device) and fill them with rank 0's
+        weights; every rank takes part."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if not self.is_main:
+            model.to_empty(device=self.device)
+        set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in model.buffers():  # persistent or not: non-persistent ones (rotary inv_freq) are in no state dict
+            dist.broadcast(buffer, src=0)
+        log.info("FSDP2: weights read on rank 0 only, %d tensors sent to the shards of %d ranks", len(whole) or 0,
+                 self.world_size)
 
     def grad_scaler(self, device: torch.device, enabled: bool):
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler

@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tunelab import gpus
 from tunelab.config import DistributedConfig
 from tunelab.errors import TunelabError
 
@@ -96,7 +97,8 @@ def launch(distributed: DistributedConfig, worker_args: list[str], *, gpus: bool
 def run_forwarding(command: list[str], environment: dict, *, to_children: bool) -> int:
     """Run `command`, forwarding SIGTERM/SIGUSR1/SIGINT to its children (the agent's ranks) or to it (srun)."""
     log.info("launching: %s", " ".join(command))
-    process = subprocess.Popen(command, env=environment, start_new_session=True)
+    # the launcher keeps this job's GPU locks (tunelab.gpus) open while it lives, should this process be killed first
+    process = subprocess.Popen(command, env=environment, start_new_session=True, pass_fds=gpus.held_files())
 
     def forward(number, frame):
         targets = _children(process.pid) if to_children else [process.pid]

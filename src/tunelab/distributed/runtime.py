@@ -47,6 +47,12 @@ class Single:
     rank, world_size, is_main = 0, 1, True
     local_gradients = True  # .grad holds this process's gradients after backward
 
+    def load_model(self, path, train: TrainConfig):
+        """The base model for training (`modeling.load_model`); under FSDP only rank 0 reads its weights."""
+        from tunelab import modeling
+
+        return modeling.load_model(path, train, for_training=True)
+
     def shard_model(self, model):
         """`model` as the optimizer must see it: FSDP replaces its weights by shards (before the optimizer exists)."""
         return model

@@ -23,6 +23,7 @@ from types import MethodType
 import torch
 import torch.nn.functional as F
 
+from tunelab import modeling
 from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,11 @@ def resolve(requested: str, device: torch.device, quantization: str = "none") ->
 
 def apply(model, train):
     """Put `model` (the method attached) on the fast path `train.kernels` resolves to; return it."""
-    device = next(model.parameters()).device
-    kernels = resolve(train.kernels, device, train.quantization)
+    device = modeling.model_device(model)  # a rank's model may still be on the meta device
+    # ZeRO-3 gathers a weight only while its own module runs; the fused loss reads lm_head.weight (and the fused
+    # LoRA the adapters' weights) outside it. `liger` is refused there at validation (config.UNSUPPORTED_DISTRIBUTED)
+    zero3 = modeling.shards_weights(train) and train.distributed.strategy == "deepspeed"
+    kernels = "none" if zero3 else resolve(train.kernels, device, train.quantization)
     if kernels == "liger":
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision)
         if dtype is not None:
