@@ -1,6 +1,6 @@
 """Shared fixtures: the repository's own Alpaca-format records (tests/data/instructions.json), a tiny
 random-weight Qwen2 base with a BPE tokenizer trained on them, their tokenized splits, and the tiny study
-run once through Snakemake."""
+run once through Snakemake, and tiny Qwen2 models trained on a token chain until confident."""
 
 from __future__ import annotations
 
@@ -25,6 +25,28 @@ REPO = Path(__file__).resolve().parents[1]
 # (end of note)") that fine-tuning visibly learns (tests/test_real_model.py)
 DEMO = REPO / "tests" / "data" / "instructions.json"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+@pytest.fixture(scope="session")
+def confident_qwen2(tmp_path_factory):
+    """`confident_qwen2(shape)` -> (directory, loss curve ends) of a small Qwen2 of `shape` trained on a token chain
+    until its predictions are confident (tunelab.kernels.check.confident_base: 150 steps), built once per shape:
+    random weights give flat logits on which two correct paths agree or differ by chance alone."""
+    built: dict[tuple, tuple[Path, dict]] = {}
+
+    def build(shape: dict) -> tuple[Path, dict]:
+        key = tuple(sorted(shape.items()))
+        if key not in built:
+            import torch
+
+            from tunelab.kernels import check
+
+            path = tmp_path_factory.mktemp("confident") / "base"
+            built[key] = path, check.confident_base(path, torch.device("cpu"), steps=150, seq_len=32, shape=shape,
+                                                    batch_size=16)
+        return built[key]
+
+    return build
 
 
 @pytest.fixture(scope="session")

@@ -14,19 +14,17 @@ from tunelab.config import GenerationConfig, TinyModelConfig
 from tunelab.generation import Engine
 from tunelab.generation.check import chain_prompts, equivalence, left_padded
 from tunelab.generation.fast import StaticDecoder
-from tunelab.kernels import check
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")
-def confident(tmp_path_factory):
+def confident(confident_qwen2):
     """A tiny Qwen2 (fp32, SDPA, grouped-query attention) trained on a token chain until confident."""
     from transformers import AutoModelForCausalLM
 
-    path = tmp_path_factory.mktemp("fastgen") / "base"
-    base = check.confident_base(path, torch.device("cpu"), steps=150, seq_len=32, shape=TINY, batch_size=16)
+    path, base = confident_qwen2(TINY)
     assert base["last_loss"] < 0.05 * base["first_loss"], base
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
 

@@ -32,10 +32,9 @@ def test_kernels_resolve_per_device():
 
 
 @pytest.fixture(scope="module")
-def confident(tmp_path_factory):
+def confident(confident_qwen2):
     """A tiny Qwen2 trained on chain A until its loss is far below ln(vocab)."""
-    path = tmp_path_factory.mktemp("kernels") / "base"
-    base = check.confident_base(path, torch.device("cpu"), steps=150, seq_len=32, shape=TINY, batch_size=16)
+    path, base = confident_qwen2(TINY)
     assert base["last_loss"] < 0.2 * base["first_loss"], base
     return path
 

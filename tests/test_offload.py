@@ -17,10 +17,9 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_la
 
 
 @pytest.fixture(scope="module")
-def learned(tmp_path_factory):
+def learned(confident_qwen2):
     """A tiny Qwen2 trained on a token chain until its loss is far below ln(vocab)."""
-    path = tmp_path_factory.mktemp("offload") / "base"
-    base = check.confident_base(path, torch.device("cpu"), steps=100, seq_len=32, shape=TINY, batch_size=16)
+    path, base = confident_qwen2(TINY)
     assert base["last_loss"] < 0.3 * base["first_loss"], base
     return path
 
