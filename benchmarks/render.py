@@ -84,8 +84,9 @@ def budget_table(rows: list[dict]) -> str:
              "| tok/s (median) | range | peak GiB | reserved GiB | checkpointing | probes | ÷ unsloth |",
              "|---|---|---|---|---:|---|---|---:|---:|---|---:|---:|---|---|---:|"]
     key = lambda r: (r["call"], r["model"], r["method"], r["quantization"], r["memory_budget_gib"])  # noqa: E731
+    peers = _references(rows, "unsloth", key)
     for row in rows:
-        peer = next((r for r in rows if key(r) == key(row) and r["side"] == "unsloth"), None)
+        peer = peers.get(key(row))
         ratio = "" if peer is None or peer is row else (
             f"{row['batch'] * row['seq'] / (peer['batch'] * peer['seq']):.2f} / {row['tok_s'] / peer['tok_s']:.3f}")
         probes = ", ".join(f"{p['batch']} {'✓' if p['fits'] else '✗'}" for p in row.get("probes", []))
@@ -95,6 +96,11 @@ def budget_table(rows: list[dict]) -> str:
                      f"{row['tok_s_range'][1]:,.0f} | {row['peak_gib']:.2f} | {row['reserved_gib']:.2f} "
                      f"| {row.get('checkpointing', '')} | {probes} | {ratio} |")
     return "\n".join(lines + [""])
+
+
+def _references(rows: list[dict], side: str, key) -> dict:
+    """`side`'s row for each `key` (call and configuration): what the other rows' ratios are taken against."""
+    return {key(row): row for row in rows if row["side"] == side}
 
 
 def _percent(value: float | None) -> str:
@@ -173,9 +179,10 @@ def check_table(checks: list[dict]) -> str:
 def export_table(rows: list[dict]) -> str:
     """Generation tokens/s and size on disk of the deployable formats, per call, model and batch."""
     lines = ["| call | model | batch | format | tok/s (median, range) | size on disk | vs int8 |", "|---|---|---|---|---|---|---|"]
-    int8 = {(r["call"], r["model"], r["batch"]): r for r in rows if r["side"] == "int8"}
+    key = lambda r: (r["call"], r["model"], r["batch"])  # noqa: E731
+    int8 = _references(rows, "int8", key)
     for row in rows:
-        reference = int8.get((row["call"], row["model"], row["batch"]))
+        reference = int8.get(key(row))
         ratio = f"{row['tok_s'] / reference['tok_s']:.2f}× speed, {row['size_bytes'] / reference['size_bytes']:.2f}× size" \
             if reference else "–"
         lines.append(f"| {row['call']} | {row['model']} | {row['batch']} | {row['side']} | {row['tok_s']:,.1f} "
