@@ -163,10 +163,8 @@ def test_merged_models_are_scored_as_rows_and_equal_their_runs(tiny_study):
             assert float(merged["test_loss"]) == pytest.approx(float(run["test_loss"]), rel=1e-4)
 
 
-# Issue 14, found 2026-12-01 once the study learns: the dequantised QLoRA merge matches the trained model within
-# 3e-5 on merge.json's parity tokens, yet its test loss is 0.025671 against 0.025418 as trained (1 %), and one
-# more test answer is right. Not explained yet. Strict: an explained, fixed gap fails the mark.
-@pytest.mark.xfail(strict=True, reason="issue 14: the QLoRA merge's test loss differs from the trained run's by 1 %")
+# The QLoRA row is evaluated as it trained (fp32 on the plain 4-bit layout): bitsandbytes' CPU inference path,
+# which computes in bf16 on an AVX512-BF16 CPU, made its test loss 1 % lower than its exact merge's (issue 14).
 def test_the_qlora_merge_scores_as_its_trained_run(tiny_study):
     rows = {row["run"]: row for row in summary(tiny_study)}
     assert float(rows["tiny-qlora.merged"]["test_loss"]) == pytest.approx(float(rows["tiny-qlora"]["test_loss"]),

@@ -31,9 +31,6 @@ PARITY_EXAMPLES = 8
 def run_merge(run_dir: Path, tokens_dir: Path, settings: MergeConfig = MergeConfig()) -> dict:
     """Merge `run_dir/model` into one model at `run_dir/merged`; write `run_dir/merge.json`."""
     trained, tokenizer, train = load_for_inference(run_dir / "model", None)
-    if train.quantization == "nf4" and modeling.device().type == "cpu":
-        # as it trained: bitsandbytes' CPU inference path would repack the 4-bit weights and compute in bf16
-        modeling._keep_cpu_4bit_weights_trainable(trained)
     merged, base = merged_model(run_dir, train, settings.base)
     dtype = modeling.DTYPES[train.precision]
     merged.to(dtype)

@@ -88,18 +88,24 @@ def load_model(path: str | Path, train: TrainConfig, *, for_training: bool):
     if train.quantization == "int8":  # bitsandbytes warns "inputs will be cast ..." at every int8 matmul call
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     model = AutoModelForCausalLM.from_pretrained(str(path).removeprefix("hf:"), **kwargs)
-    if for_training and train.quantization == "nf4" and device().type == "cpu":
-        _keep_cpu_4bit_weights_trainable(model)
+    if train.quantization == "nf4" and device().type == "cpu":
+        _keep_cpu_4bit_layout(model)
     if for_training and train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
 
 
-def _keep_cpu_4bit_weights_trainable(model) -> None:
-    """bitsandbytes repacks 4-bit weights for AVX512-BF16 inference the first time a CPU Linear4bit runs in
-    eval mode (our validation pass), and its training path then fails on the packed weights
-    ("a view of a leaf Variable ... in-place operation"). Training on the CPU keeps the plain layout."""
+def _keep_cpu_4bit_layout(model) -> None:
+    """Compute a CPU 4-bit model as it trains, in its compute dtype, in eval mode too.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks the 4-bit weights the first time a Linear4bit runs in eval
+    mode without gradients, and from then on computes it in bf16 (inputs and block scales rounded to bf16),
+    whatever the compute dtype. An fp32 QLoRA run evaluated that way is not the model that trained: on the tiny
+    study its test loss moved by 1 % (0.025418 packed vs 0.025671 as trained and as merged, 46 of 120 records
+    off by more than 1e-4). Training also fails on the packed weights ("a view of a leaf Variable ... in-place
+    operation"), which the validation pass would otherwise cause.
+    """
     import bitsandbytes as bnb
 
     for module in model.modules():
