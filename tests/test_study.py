@@ -172,6 +172,7 @@ def test_the_qlora_merge_scores_as_its_trained_run(tiny_study):
     rows = {row["run"]: row for row in summary(tiny_study)}
     assert float(rows["tiny-qlora.merged"]["test_loss"]) == pytest.approx(float(rows["tiny-qlora"]["test_loss"]),
                                                                           rel=1e-4)
+    assert exact_matches(tiny_study, "tiny-qlora.merged") == exact_matches(tiny_study, "tiny-qlora")
 
 
 def test_report_files_and_plots(tiny_study):
