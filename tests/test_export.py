@@ -48,12 +48,14 @@ def test_pruning_removes_the_dead_channels_and_groups_and_keeps_the_function(tmp
         assert torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-5)
 
 
+TRAINED = TrainConfig(method="lora", max_steps=8, eval_every=8, micro_batch_size=4, learning_rate=3e-3,
+                      group_by_length=False, profile={"steps": 0})
+
+
 @pytest.fixture(scope="module")
 def merged_run(tiny_base, tiny_tokens, tmp_path_factory):
-    train = TrainConfig(method="lora", max_steps=8, eval_every=8, micro_batch_size=4, learning_rate=3e-3,
-                        profile={"steps": 0})
     out = tmp_path_factory.mktemp("lora")
-    run_train(Run(name="tiny-lora", model="tiny", train=train), tiny_base, tiny_tokens / "tokens", out)
+    run_train(Run(name="tiny-lora", model="tiny", train=TRAINED), tiny_base, tiny_tokens / "tokens", out)
     run_merge(out, tiny_tokens / "tokens")
     return out
 
@@ -73,7 +75,7 @@ def test_exports_reload_quantized_and_pruning_shrinks_the_file(merged_run, tiny_
     for export_format, layer in (("nf4", bnb.nn.Linear4bit), ("int8", bnb.nn.Linear8bitLt),
                                  ("pruned_int8", bnb.nn.Linear8bitLt)):
         reports[export_format] = run_export(merged_run / "merged", export_format, settings, tiny_tokens / "tokens",
-                                            tmp_path / export_format)
+                                            tmp_path / export_format, TRAINED)
         assert read_json(tmp_path / export_format / "export.json") == reports[export_format]
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / export_format / "model")
         assert isinstance(reloaded.model.layers[0].mlp.up_proj, layer)
@@ -85,13 +87,15 @@ def test_exports_reload_quantized_and_pruning_shrinks_the_file(merged_run, tiny_
     assert pruned["size_bytes"] <= (1 - pruned["pruned_share"] + 0.05) * int8["size_bytes"]
     assert reports["nf4"]["size_bytes"] < int8["size_bytes"]
     assert pruned["recovery"]["steps"] == 6 and pruned["recovery"]["final_validation_loss"] > 0
+    # the recovery trains in the run's batches (not TrainConfig's defaults: 8 rows, grouped by length)
+    assert (pruned["recovery"]["micro_batch_size"], pruned["recovery"]["group_by_length"]) == (4, False)
 
 
 def test_generate_answers_with_an_exported_model(merged_run, tiny_tokens, tmp_path, capsys):
     from tunelab.cli import main
     from conftest import REPO
 
-    run_export(merged_run / "merged", "nf4", ExportConfig(), tiny_tokens / "tokens", tmp_path)
+    run_export(merged_run / "merged", "nf4", ExportConfig(), tiny_tokens / "tokens", tmp_path, TRAINED)
     code = main(["generate", "--config", str(REPO / "studies" / "tiny.yaml"), "--model", str(tmp_path / "model"),
                  "--prompt", "Add the two numbers.", "--prompt", "Repeat the words: red fox"])
     lines = capsys.readouterr().out.strip().splitlines()

@@ -119,7 +119,8 @@ def _export(study: Study, args) -> None:
 
     if args.run not in study.export_runs:
         raise TunelabError(f"{study.path}: no export named {args.run!r} (exports: {', '.join(study.export_runs)})")
-    run_export(args.merged, study.export_runs[args.run][1], study.exports, args.tokens, args.out)
+    run, export_format = study.export_runs[args.run]
+    run_export(args.merged, export_format, study.exports, args.tokens, args.out, study.run(run).train)
 
 
 def _score(study: Study, args) -> None:

@@ -369,7 +369,9 @@ class ExportConfig(Frozen):
     prune_amount: Fraction = Field(0.2, description="share of MLP channels (and of key-value head groups, rounded "
                                                     "down) removed from every layer in pruned_int8")
     calibration_examples: int = Field(16, gt=0, description="training examples whose activations rank channels")
-    recovery_steps: int = Field(50, ge=0, description="LoRA fine-tune steps after pruning (0: none)")
+    recovery_method: Literal["lora", "full"] = Field(
+        "lora", description="recovery fine-tune after pruning: a LoRA adapter merged in, or all weights")
+    recovery_steps: int = Field(50, ge=0, description="recovery fine-tune steps after pruning (0: none)")
     recovery_learning_rate: float = Field(1e-3, gt=0, description="learning rate of the recovery fine-tune")
     recovery_lora_r: int = Field(16, gt=0, description="adapter rank of the recovery fine-tune")
 

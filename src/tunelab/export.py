@@ -2,8 +2,8 @@
 
 Formats: `nf4` (bitsandbytes 4-bit NF4, double quantization), `int8` (LLM.int8) and `pruned_int8`: whole MLP
 channels and key-value head groups removed from every layer (tunelab.prune, a smaller stock config), a short
-LoRA recovery fine-tune on the training split, merged, then 8-bit. Each is saved with transformers' bitsandbytes
-serialisation, so plain `AutoModelForCausalLM.from_pretrained(dir)` reloads it quantized. The pruned model is
+recovery fine-tune on the training split in the run's batches (a LoRA merged in, or all weights),
+then 8-bit. Each is saved with transformers' bitsandbytes serialisation, so plain `AutoModelForCausalLM.from_pretrained(dir)` reloads it quantized. The pruned model is
 quantized from memory: no full-precision copy is written anywhere.
 Reads `results/runs/<run>/merged` (and the training tokens for pruned_int8); writes
 `results/runs/<run>.<format>/model/` and `export.json` (size on disk, parameters, what pruning removed, the
@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 SPEED_PROMPTS, SPEED_TOKENS = 4, 16  # the export's own generation-speed probe: greedy, a fixed token count
 
 
-def run_export(merged: Path, export_format: str, settings: ExportConfig, tokens_dir: Path, out: Path) -> dict:
+def run_export(merged: Path, export_format: str, settings: ExportConfig, tokens_dir: Path, out: Path,
+               trained: TrainConfig) -> dict:
     """Quantize (pruning first for pruned_int8) the merged model at `merged` into `out/model`; write
-    `out/export.json`."""
+    `out/export.json`. `trained` is how the source run trained, whose batching the recovery fine-tune keeps."""
     tokenizer = modeling.load_tokenizer(merged)
     quantization = "nf4" if export_format == "nf4" else "int8"
     # what stays unquantized (embeddings, norms) is stored in bf16: a deployable file keeps no fp32 tensors
@@ -42,7 +43,7 @@ def run_export(merged: Path, export_format: str, settings: ExportConfig, tokens_
     report = {"format": export_format, "source": str(merged)}
     if export_format == "pruned_int8":
         model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, device_map=load["device_map"])
-        model = _prune_and_recover(model, settings, tokens_dir, tokenizer.pad_token_id, report)
+        model = _prune_and_recover(model, settings, trained, tokens_dir, tokenizer.pad_token_id, report)
         quantized = type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict(),
                                                 quantization_config=config, **load)
         del model
@@ -60,8 +61,10 @@ def run_export(merged: Path, export_format: str, settings: ExportConfig, tokens_
     return report
 
 
-def _prune_and_recover(model, settings: ExportConfig, tokens_dir: Path, pad_id: int, report: dict):
-    """Prune `model` (fp32) in place, then fine-tune a LoRA adapter on the training split and merge it."""
+def _prune_and_recover(model, settings: ExportConfig, trained: TrainConfig, tokens_dir: Path, pad_id: int,
+                       report: dict):
+    """Prune `model` (fp32) in place, then fine-tune it on the training split (a merged LoRA adapter, or all
+    weights) in the batches the run trained with."""
     from tunelab.prune import prune_structured
     from tunelab.train import attach_method, fit
 
@@ -70,18 +73,31 @@ def _prune_and_recover(model, settings: ExportConfig, tokens_dir: Path, pad_id: 
     report.update(prune_amount=settings.prune_amount, **pruning, parameters=pruning["parameters_after"])
     if not settings.recovery_steps:
         return model
-    steps, rank = settings.recovery_steps, settings.recovery_lora_r
-    recovery = TrainConfig(method="lora", precision="bf16" if modeling.device().type == "cuda" else "fp32",
-                           max_steps=steps, learning_rate=settings.recovery_learning_rate, warmup_steps=min(10, steps // 5),
-                           eval_every=steps, log_every=max(1, steps // 5), lora=LoraConfig(r=rank, alpha=2 * rank),
-                           profile={"steps": 0})
+    recovery = recovery_config(settings, trained)
     adapted = attach_method(model, recovery)
     metrics = fit(adapted, train_examples, read_jsonl(tokens_dir / "validation.jsonl"), recovery, pad_id,
                   label="recovery")
-    report["recovery"] = {"steps": steps, "learning_rate": settings.recovery_learning_rate,
-                          "lora_r": settings.recovery_lora_r, "first_loss": metrics["loss_curve"][0][1],
+    report["recovery"] = {"method": recovery.method, "steps": recovery.max_steps,
+                          "learning_rate": recovery.learning_rate, "lora_r": recovery.lora.r,
+                          "micro_batch_size": recovery.micro_batch_size, "group_by_length": recovery.group_by_length,
+                          "first_loss": metrics["loss_curve"][0][1],
                           "final_validation_loss": metrics["final_validation_loss"]}
-    return adapted.merge_and_unload()
+    return adapted.merge_and_unload() if recovery.method == "lora" else adapted
+
+
+def recovery_config(settings: ExportConfig, trained: TrainConfig) -> TrainConfig:
+    """The recovery fine-tune: the export's method, steps, learning rate and rank, in the run's batches (micro-batch
+    size, accumulation, length grouping, packing, seed) and optimizer. A recovery in other batches than the
+    run's can undo what the run learnt: grouped by length, each batch of the tiny study holds one task family."""
+    steps, rank = settings.recovery_steps, settings.recovery_lora_r
+    kept = trained.model_dump(include={"micro_batch_size", "gradient_accumulation_steps", "group_by_length",
+                                       "packing", "seed", "optimizer", "weight_decay", "max_grad_norm",
+                                       "lr_scheduler"})
+    return TrainConfig(**kept, method=settings.recovery_method, max_steps=steps,
+                       precision="bf16" if modeling.device().type == "cuda" else "fp32",
+                       learning_rate=settings.recovery_learning_rate, warmup_steps=min(10, steps // 5),
+                       eval_every=steps, log_every=max(1, steps // 5), lora=LoraConfig(r=rank, alpha=2 * rank),
+                       profile={"steps": 0}, tracking=[])
 
 
 @torch.no_grad()
