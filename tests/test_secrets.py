@@ -73,7 +73,11 @@ def test_tracker_tokens_are_written_nowhere(tiny_base, tiny_tokens, tmp_path):
 # key (TUNELAB_API_KEY, which tests/test_serve.py checks never reaches a log or a response). It sets one: MLflow's
 # switch that opens a file store (MLFLOW_ALLOW_FILE_STORE).
 READ_NAMES = {"WORLD_SIZE", "RANK", "LOCAL_RANK", "TUNELAB_TRAIN_ARGS", "TUNELAB_LAUNCH_ROLE", "HF_HUB_OFFLINE",
-              "TUNELAB_API_KEY", "MLFLOW_ALLOW_FILE_STORE"}
+              "TUNELAB_API_KEY", "MLFLOW_ALLOW_FILE_STORE",
+              # a job's GPUs (tunelab.gpus): the ids it may use and claims, where the locks live, how long it waits
+              "CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "TUNELAB_GPUS_CLAIMED", "TUNELAB_GPU_LOCKS", "TUNELAB_GPU_WAIT"}
+ALIASES = {"ROLE": "TUNELAB_LAUNCH_ROLE", "TRAIN_ARGS": "TUNELAB_TRAIN_ARGS", "CLAIMED": "TUNELAB_GPUS_CLAIMED",
+           "LOCKS": "TUNELAB_GPU_LOCKS", "WAIT": "TUNELAB_GPU_WAIT"}  # module constants naming a variable
 PASSED_ON = ("distributed/launch.py",)  # hands the whole environment to the processes it starts, reads nothing else
 
 
@@ -85,8 +89,9 @@ def test_no_stage_reads_a_credential_from_the_environment():
                for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"os\.environ|getenv\(", line)]
     unexpected = []
     for path, number, line in readers:
-        names = set(re.findall(r"""["']([A-Z][A-Z0-9_]+)["']""", line)) | set(re.findall(r"\b(ROLE|TRAIN_ARGS)\b", line))
-        names = {{"ROLE": "TUNELAB_LAUNCH_ROLE", "TRAIN_ARGS": "TUNELAB_TRAIN_ARGS"}.get(n, n) for n in names}
+        names = set(re.findall(r"""["']([A-Z][A-Z0-9_]+)["']""", line)) | set(
+            re.findall(rf"\b({'|'.join(ALIASES)})\b", line))
+        names = {ALIASES.get(n, n) for n in names}
         allowed = "in CONTAINER_VARIABLES" in line or (names and names <= READ_NAMES) or (
             not names and path in PASSED_ON)
         if not allowed:
