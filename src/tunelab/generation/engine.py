@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,6 +64,9 @@ class Engine:
         check_prompt_format(tokenizer, prompt_format, tokenizer.name_or_path)
         self.model, self.tokenizer, self.autocast = model, tokenizer, autocast
         self.settings, self.prompt_format = settings, prompt_format
+        # a fast tokenizer's padding is state on the tokenizer: a server's request threads counting prompt tokens
+        # (padding off) while its batch thread pads a batch can leave that batch unpadded (ValueError at to-tensor)
+        self._tokenizing = threading.Lock()
         self.device = next(model.parameters()).device
         tokenizer.padding_side = "left"
         self.stop_token_ids = stop_token_ids(model, tokenizer)
@@ -126,7 +130,8 @@ class Engine:
         return render_prompt(record, self.tokenizer, self.prompt_format)
 
     def prompt_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        with self._tokenizing:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     @torch.no_grad()
     def generate(self, prompts: list[str], config=None, *, seed: int | None = None,
@@ -137,7 +142,8 @@ class Engine:
         # a short last batch is filled up with copies of its last prompt, so that the static path's compiled step
         # sees the study's batch size again instead of compiling for a new one
         filled = prompts + prompts[-1:] * (self.settings.batch_size - len(prompts)) if static else prompts
-        batch = self.tokenizer(filled, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        with self._tokenizing:
+            batch = self.tokenizer(filled, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         if config.do_sample:
             torch.manual_seed(self.settings.seed if seed is None else seed)
         with self.autocast():
