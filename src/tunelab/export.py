@@ -34,21 +34,17 @@ def run_export(merged: Path, export_format: str, settings: ExportConfig, tokens_
     `out/export.json`. `trained` is how the source run trained, whose batching the recovery fine-tune keeps."""
     tokenizer = modeling.load_tokenizer(merged)
     quantization = "nf4" if export_format == "nf4" else "int8"
-    # what stays unquantized (embeddings, norms) is stored in bf16: a deployable file keeps no fp32 tensors
-    config = modeling.quantization_config(TrainConfig(method="full", precision="bf16").model_copy(
-        update={"quantization": quantization}))  # model_copy: the quantization check is for training runs
-    load = {"dtype": torch.bfloat16, "device_map": {"": str(modeling.device())}}
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)  # a warning per int8 matmul
     invalidate(out / "export.json")
     report = {"format": export_format, "source": str(merged)}
     if export_format == "pruned_int8":
-        model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, device_map=load["device_map"])
+        model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32,
+                                                     device_map={"": str(modeling.device())})
         model = _prune_and_recover(model, settings, trained, tokens_dir, tokenizer.pad_token_id, report)
-        quantized = type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict(),
-                                                quantization_config=config, **load)
+        quantized = quantize(model, quantization)
         del model
     else:
-        quantized = AutoModelForCausalLM.from_pretrained(merged, quantization_config=config, **load)
+        quantized = quantize(merged, quantization)
         report["parameters"] = sum(p.numel() for p in quantized.parameters())
     with atomic_dir(out / "model") as target:
         quantized.save_pretrained(target)
@@ -59,6 +55,18 @@ def run_export(merged: Path, export_format: str, settings: ExportConfig, tokens_
     log.info("exported %s as %s: %.2f MB, %.1f generated tokens/s on %s", merged, export_format,
              report["size_bytes"] / 1e6, report["generated_tokens_per_second"], report["speed_device"])
     return report
+
+
+def quantize(source, quantization: str):
+    """`source` (a model directory, or a model in memory: rebuilt from its weights, no copy written) loaded in
+    `quantization` (nf4 or int8) on the run's device. What stays unquantized (embeddings, norms) is bf16: a
+    deployable file keeps no fp32 tensors."""
+    config = modeling.quantization_config(TrainConfig(method="full", precision="bf16").model_copy(
+        update={"quantization": quantization}))  # model_copy: the quantization check is for training runs
+    load = {"quantization_config": config, "dtype": torch.bfloat16, "device_map": {"": str(modeling.device())}}
+    if isinstance(source, torch.nn.Module):
+        return type(source).from_pretrained(None, config=source.config, state_dict=source.state_dict(), **load)
+    return AutoModelForCausalLM.from_pretrained(source, **load)
 
 
 def _prune_and_recover(model, settings: ExportConfig, trained: TrainConfig, tokens_dir: Path, pad_id: int,

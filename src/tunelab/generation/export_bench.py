@@ -24,19 +24,10 @@ import torch
 from tunelab import modeling
 from tunelab.artifacts import write_jsonl
 from tunelab.bench import ARCHITECTURES, environment
-from tunelab.config import TrainConfig
+from tunelab.export import quantize
 from tunelab.generation.bench import _timed, random_model
 
 log = logging.getLogger(__name__)
-
-
-def quantized_int8(model):
-    """`model` in LLM.int8 on its device, built from its weights in memory as the export stage builds it."""
-    config = modeling.quantization_config(TrainConfig(method="full", precision="bf16").model_copy(
-        update={"quantization": "int8"}))
-    return type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict(),
-                                       quantization_config=config, dtype=torch.bfloat16,
-                                       device_map={"": str(next(model.parameters()).device)})
 
 
 def formats(arch: str, device: torch.device, prune_amount: float) -> dict:
@@ -44,13 +35,13 @@ def formats(arch: str, device: torch.device, prune_amount: float) -> dict:
     from tunelab.prune import prune_structured
 
     models = {"bf16": random_model(arch, device)}
-    models["int8"] = quantized_int8(models["bf16"])
+    models["int8"] = quantize(models["bf16"], "int8")  # as the export stage builds it
     pruned = random_model(arch, device)
     generator = torch.Generator().manual_seed(1)
     calibration = [{"input_ids": torch.randint(0, ARCHITECTURES[arch]["vocab_size"], (128,), generator=generator)
                     .tolist(), "labels": [-100] * 128} for _ in range(4)]
     prune_structured(pruned, prune_amount, calibration)
-    models["pruned_int8"] = quantized_int8(pruned)
+    models["pruned_int8"] = quantize(pruned, "int8")
     del pruned
     return models
 
