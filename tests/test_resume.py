@@ -315,3 +315,39 @@ def test_a_run_resumed_inside_its_profiler_window_still_writes_its_trace(tmp_pat
     assert metrics["profiled_steps"] == [5, 8]
     assert (profile / "trace.json.gz").stat().st_size > 1000
     assert "aten::" in (profile / "key_averages.txt").read_text()
+
+
+def test_a_signal_handled_during_the_ranks_agreement_stops_the_next_step(tmp_path):
+    """A rank blocked in the all-reduce that agrees whether to stop handles a signal when the call returns, after
+    the value it contributed was read: the signal must stop the run one step later, not be lost (it was, once: the
+    reduced 0 overwrote the handler's flag, and a 2-rank run trained to its end after SIGUSR1)."""
+    from tunelab.checkpoint import Checkpoints
+    from tunelab.config import TrainConfig
+    from tunelab.distributed.runtime import Single
+
+    class SignalledInsideTheCollective(Single):
+        world_size = 2  # one rank of two; the other rank contributes 0
+        calls = 0
+
+        def maximum(self, value: float) -> float:
+            self.calls += 1
+            if self.calls == 1:
+                signal.raise_signal(signal.SIGUSR1)  # handled before the reduced value is returned
+            return value
+
+    train = TrainConfig(max_steps=10, checkpoint_every=0)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    checkpoints = Checkpoints(tmp_path, train, "test", SignalledInsideTheCollective())
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        checkpoints.resume(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), iter([]), {}, {})
+        checkpoints.after_step(1)  # the agreement was read before the signal: this step goes on
+        with pytest.raises(SystemExit) as stopped:
+            checkpoints.after_step(2)
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert stopped.value.code == 128 + signal.SIGUSR1
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000002"]

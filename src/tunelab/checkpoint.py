@@ -84,15 +84,18 @@ class Checkpoints:
         """Write a checkpoint when one is due or a signal came; after a signal, exit non-zero."""
         every = self.train.checkpoint_every
         due = every and step % every == 0 and step < self.train.max_steps  # the last step saves the outputs
+        stop = self.signalled
         if self.runtime.world_size > 1:  # a signal to any rank stops every rank after the same step
-            self.signalled = int(self.runtime.maximum(self.signalled or 0)) or None
-        if due or self.signalled:
+            # read into `stop`, never written back: a signal handled while the all-reduce blocked (its handler runs
+            # as the call returns) would be overwritten by the value reduced before it, and lost
+            stop = int(self.runtime.maximum(stop or 0)) or None
+        if due or stop:
             self.save(step)
-        if self.signalled:
-            name = signal.Signals(self.signalled).name
+        if stop:
+            name = signal.Signals(stop).name
             log.warning("stopped by %s after step %d/%d; rerun the same command to resume from %s",
                         name, step, self.train.max_steps, self.root / _name(step))
-            raise SystemExit(128 + self.signalled)
+            raise SystemExit(128 + stop)
 
     def save(self, step: int) -> Path:
         """Write the checkpoint of `step` (after the step's update), then drop the oldest beyond checkpoint_keep."""
