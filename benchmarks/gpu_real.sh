@@ -10,6 +10,7 @@
 #   mkdir -p /tmp/parts && cp .dev/m1/* /tmp/parts/ && pip install ... --target /tmp/site .dev/whl/*.whl
 # Call 2, at once: carry .dev/gpu (src/, benchmarks/, tests/data/) and .dev/m2; from .dev/gpu:
 #   PARTS="/tmp/parts/part.aa ../m2/part.ab ../m2/part.ac" bash benchmarks/gpu_real.sh
+# $CHECK_ARGS goes to the kernels check (e.g. "--variants frozen_bf16 fused_lora": each part alone as well).
 # $WHEELS (pydantic, bitsandbytes, liger-kernel, gguf) is installed unless /tmp/site already holds gguf;
 # /tmp/site-extra (transformers 5.24.0 and peft 0.21.2, the project's pins) goes first where it exists.
 # Measured (calls gpu-20261201-2/-3): kernels check 115 s with the conversion; the float32 generation check about
@@ -25,7 +26,7 @@ export PYTHONPATH=$extra/tmp/site:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 T
 started=$(date +%s)
 gguf=/tmp/real/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p /tmp/real && cat $PARTS > $gguf && echo "$SHA  $gguf" | sha256sum -c || exit 1
-timeout 240 python3 -m tunelab.kernels.check --model $gguf --out /tmp/real/kernels > $OUT/kernels.log 2>&1
+timeout 360 python3 -m tunelab.kernels.check --model $gguf --out /tmp/real/kernels ${CHECK_ARGS:-} > $OUT/kernels.log 2>&1
 echo "kernels check rc $?: $(( $(date +%s) - started )) s"; grep -A40 '^{' $OUT/kernels.log | grep -E '"(passed|max_rel|loss_fall|gradient)'
 cp /tmp/real/kernels/check.json $OUT/kernels-check.json
 for dtype in float32 ${VARIANTS:+bfloat16}; do

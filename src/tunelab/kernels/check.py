@@ -96,14 +96,14 @@ def real_examples(model_dir: Path, records: Path, count: int, max_length: int = 
 
 def lora_run(path: Path, examples: list[dict], quantization: str, kernels_choice: str, *, steps: int,
              fast=None, precision: str = "bf16", pad_id: int = 0, checkpoint_offload: str = "auto",
-             learning_rate: float = 1e-3) -> dict:
+             learning_rate: float = 1e-3, micro_batch_size: int = 16) -> dict:
     """`steps` steps of LoRA through train.fit; the per-step losses and the first step's LoRA gradients
     (clipping is off, so that their norms compare). `fast`, when given, is applied to the model after
     train.attach_method (the CPU test's and the broken path's hook)."""
     config = TrainConfig(method="lora", quantization=quantization, precision=precision, kernels=kernels_choice,
-                         checkpoint_offload=checkpoint_offload,
-                         lora=LoraConfig(r=16, alpha=32, dropout=0.0), micro_batch_size=16, max_steps=steps,
-                         learning_rate=learning_rate, max_grad_norm=1e6, warmup_steps=0, lr_scheduler="constant_with_warmup",
+                         checkpoint_offload=checkpoint_offload, lora=LoraConfig(r=16, alpha=32, dropout=0.0),
+                         micro_batch_size=micro_batch_size, max_steps=steps, learning_rate=learning_rate,
+                         max_grad_norm=1e6, warmup_steps=0, lr_scheduler="constant_with_warmup",
                          gradient_checkpointing=True, eval_every=steps, log_every=steps, group_by_length=False,
                          profile=ProfileConfig(steps=0))
     torch.manual_seed(0)
@@ -120,7 +120,8 @@ def lora_run(path: Path, examples: list[dict], quantization: str, kernels_choice
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     hook = register_optimizer_step_pre_hook(keep_first)
     try:
-        metrics = train.fit(model, examples, examples[:16], config, pad_id=pad_id, label=f"check {kernels_choice}")
+        metrics = train.fit(model, examples, examples[:micro_batch_size], config, pad_id=pad_id,
+                            label=f"check {kernels_choice}")
     finally:
         hook.remove()
     return {"losses": [loss for _, loss in metrics["loss_curve"]], "kernels": kernels.applied(model),
@@ -151,40 +152,70 @@ def drop_lora_scaling(model):
     return model
 
 
+# The parts of the fast path that run without Liger (any device), to check one at a time against the plain path
+PARTS = {"frozen_bf16": lambda model: kernels._frozen_to(model, torch.bfloat16), "fused_lora": kernels.fuse_lora}
+
+
+def variant(name: str):
+    """The `fast` hook of lora_run that puts `name`'s parts of the fast path ("+"-joined PARTS) on a plain model."""
+    parts = name.split("+")
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown:
+        raise ValueError(f"variant {name!r}: unknown part(s) {unknown}; parts are {sorted(PARTS)} joined by +")
+
+    def put(model):
+        for part in parts:
+            PARTS[part](model)
+        return model
+    return put
+
+
 def run_check(out: Path, *, steps: int = 20, quantizations=("none", "nf4"), fast_kernels: str = "liger",
-              fast_offload: str = "on", model: str | None = None, records: Path | None = None) -> dict:
+              fast_offload: str = "on", model: str | None = None, records: Path | None = None,
+              variants: tuple[str, ...] = (), micro_batch_size: int = 16, max_length: int = 256) -> dict:
     """The check on the confident toy model, or with `model` on real weights learning `records`; writes
-    out/check.json."""
+    out/check.json. `variants` (see `variant`) are checked against the plain path as the fast path is;
+    `fast_kernels` none leaves out the fast path and its broken twin (Liger needs CUDA: the variants alone)."""
+    hooks = {name: variant(name) for name in variants}
     device = modeling.device()
     started = time.perf_counter()
+    count = micro_batch_size * steps
     if model is None:
         path = out / "base"
         base = confident_base(path, device)
         chain = torch.randperm(SHAPE["vocab_size"], generator=torch.Generator().manual_seed(2))  # chain B
-        examples, pad_id = chain_examples(chain, 16 * steps, 64, seed=10_000), 0
+        examples, pad_id = chain_examples(chain, count, 64, seed=10_000), 0
     else:
         path = real_model(model, out)
-        examples, pad_id = real_examples(path, records, 16 * steps)
-        base = {"model": model, "path": str(path), "records": str(records),
-                "tokens": sum(len(e["input_ids"]) for e in examples[:16])}
-    report = {"base": base, "device": str(device), "cases": {}}
-    runs = dict(steps=steps, pad_id=pad_id)
+        examples, pad_id = real_examples(path, records, count, max_length)
+        base = {"model": model, "path": str(path), "records": str(records), "max_length": max_length,
+                "tokens": sum(len(e["input_ids"]) for e in examples[:micro_batch_size])}
+    report = {"base": base, "device": str(device), "micro_batch_size": micro_batch_size, "cases": {}}
+    runs = dict(steps=steps, pad_id=pad_id, micro_batch_size=micro_batch_size)
     for quantization in quantizations:
         plain = lora_run(path, examples, quantization, "none", checkpoint_offload="off", **runs)
-        fast = lora_run(path, examples, quantization, fast_kernels, checkpoint_offload=fast_offload, **runs)
-        original = kernels.lora_scaling
-        try:
-            broken = lora_run(path, examples, quantization, fast_kernels, checkpoint_offload=fast_offload,
-                              fast=drop_lora_scaling, **runs)
-        finally:
-            kernels.lora_scaling = original
+        sides = {}
+        if fast_kernels != "none":
+            sides["fast"] = lora_run(path, examples, quantization, fast_kernels, checkpoint_offload=fast_offload,
+                                     **runs)
+            original = kernels.lora_scaling
+            try:
+                sides["broken"] = lora_run(path, examples, quantization, fast_kernels,
+                                           checkpoint_offload=fast_offload, fast=drop_lora_scaling, **runs)
+            finally:
+                kernels.lora_scaling = original
+        for name, hook in hooks.items():
+            sides[f"variant {name}"] = lora_run(path, examples, quantization, "none", checkpoint_offload="off",
+                                                fast=hook, **runs)
         report["cases"][quantization] = {
             side: {"kernels": run["kernels"], "checkpointing": run["checkpointing"],
                    "reference_checkpointing": plain["checkpointing"], **compare(plain, run)}
-            for side, run in (("fast", fast), ("broken", broken))}
-        log.info("check %s: fast %s, broken %s", quantization, report["cases"][quantization]["fast"]["passed"],
-                 report["cases"][quantization]["broken"]["passed"])
-    report["passed"] = all(c["fast"]["passed"] and not c["broken"]["passed"] for c in report["cases"].values())
+            for side, run in sides.items()}
+        log.info("check %s: %s", quantization,
+                 ", ".join(f"{side} {c['passed']}" for side, c in report["cases"][quantization].items()))
+    # every side passes but the broken one, which must fail
+    report["passed"] = all(c["passed"] != (side == "broken")
+                           for case in report["cases"].values() for side, c in case.items())
     report["seconds"] = time.perf_counter() - started
     write_json(out / "check.json", report)
     return report
@@ -199,13 +230,28 @@ def main(argv: list[str] | None = None) -> int:
                                         "(converted to bf16 into OUT/model); default: the confident toy model")
     parser.add_argument("--records", type=Path, default=Path("tests/data/instructions.json"),
                         help="Alpaca-format records LoRA learns with --model")
+    parser.add_argument("--variants", nargs="+", default=[], metavar="PART[+PART]",
+                        help=f"also check these parts of the fast path alone on the plain path (parts: "
+                             f"{', '.join(PARTS)}; join with + to combine)")
+    parser.add_argument("--fast", choices=["liger", "none"], default="liger",
+                        help="none: leave out the Liger fast path and its broken twin (on a CPU), check --variants")
+    parser.add_argument("--micro-batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=256, help="tokens per record with --model")
     args = parser.parse_args(argv)
+    if args.fast == "none" and not args.variants:
+        parser.error("--fast none leaves nothing to check: name --variants")
+    for name in args.variants:
+        try:
+            variant(name)
+        except ValueError as error:
+            parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     report = run_check(args.out, steps=args.steps, quantizations=args.quantization, model=args.model,
-                       records=args.records)
+                       records=args.records, variants=tuple(args.variants), fast_kernels=args.fast,
+                       micro_batch_size=args.micro_batch_size, max_length=args.max_length)
     summary = {q: {side: {k: c[side][k] for k in ("passed", "max_relative_loss_difference", "loss_fall",
                                                    "gradient_cosine", "gradient_norm_ratio")}
-                   for side in ("fast", "broken")} for q, c in report["cases"].items()}
+                   for side in c} for q, c in report["cases"].items()}
     print(json.dumps({"passed": report["passed"], **summary}, indent=1))
     return 0 if report["passed"] else 1
 
