@@ -159,7 +159,8 @@ def lora_scaling(layer, adapter: str) -> float:
 
 
 def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """PEFT's LoRA forward, `base(x) + scale * B(A(x))`, as one addmm onto the base output in its dtype."""
+    """PEFT's LoRA forward, `base(x) + scale * B(A(x))`, as one addmm onto the base output in its dtype (two ops
+    where autocast would compute that addmm in a lower precision than the base output's)."""
     if self.disable_adapters or self.merged or args or kwargs or self.active_adapters != list(self.lora_A.keys()):
         return type(self).forward(self, x, *args, **kwargs)
     adapter = self.active_adapters[0]
@@ -168,5 +169,13 @@ def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     lora_a = self.lora_A[adapter].weight.to(dtype)
     lora_b = self.lora_B[adapter].weight.to(dtype) * lora_scaling(self, adapter)
     hidden = x.to(dtype).reshape(-1, x.shape[-1]) @ lora_a.t()
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden, lora_b.t())
+    result_rows = result.reshape(-1, result.shape[-1])
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and dtype != torch.get_autocast_dtype(device):
+        # an fp32 base output (a 4-bit layer returns its input's dtype, and QLoRA's residual stream is fp32):
+        # autocast would round addmm's sum to bf16; PEFT adds its bf16 LoRA term to it in fp32 (a 2.95 % loss
+        # gap on real weights when rounded)
+        out = result_rows + hidden @ lora_b.t()
+    else:
+        out = torch.addmm(result_rows, hidden, lora_b.t())
     return out.view(result.shape)
