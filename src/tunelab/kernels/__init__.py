@@ -34,7 +34,9 @@ APPLIED = "_tunelab_kernels"  # attribute on the returned model: the kernels tha
 def resolve(requested: str, device: torch.device, quantization: str = "none") -> str:
     """The kernels a run uses: `auto` is liger on CUDA (when Liger-Kernel is installed) for unquantized runs, else
     none. A quantized run (QLoRA) gets liger only when asked for: on real weights (SmolLM2-135M, call
-    gpu-20261201-2, BENCHMARKS.md) its loss parted from the plain path's by up to 2.8 % (the check allows 1 %)."""
+    gpu-20261201-2, BENCHMARKS.md) its loss parted from the plain path's by up to 2.8 % (the check allows 1 %).
+    The cause (bf16 where plain QLoRA is fp32: the residual stream, the LoRA layers' outputs) is fixed in
+    `_frozen_to` and `fused_lora_forward`; liger comes back for QLoRA once the GPU check passes with it."""
     if requested == "none" or (requested == "auto" and quantization != "none"):
         return "none"
     available = device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
