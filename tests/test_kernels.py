@@ -122,13 +122,19 @@ def test_check_on_real_records_with_offloaded_checkpoints(tiny_base):
     assert not check.compare(plain, broken)["passed"]
 
 
-def test_qlora_frozen_weights_in_bf16_keep_the_plain_path_numbers(confident):
+@pytest.fixture(scope="module")
+def nf4_plain(confident):
+    """Chain B's examples and 20 QLoRA steps of the plain path on them: the reference of the nf4 part checks."""
+    chain = torch.randperm(TINY["vocab_size"], generator=torch.Generator().manual_seed(2))
+    examples = check.chain_examples(chain, 16 * 20, 32, seed=10_000)
+    return examples, check.lora_run(confident, examples, "nf4", "none", steps=20)
+
+
+def test_qlora_frozen_weights_in_bf16_keep_the_plain_path_numbers(confident, nf4_plain):
     """The fast path's cast of prepare_model_for_kbit_training's fp32 copies (norms, tied embedding) back to bf16
     keeps QLoRA's fp32 residual stream: 20 steps on nf4 give the plain path's losses and first-step LoRA
     gradients bit for bit. (With a bf16 residual stream the real SmolLM2 parted from it by 3.1 % on the CPU.)"""
-    chain = torch.randperm(TINY["vocab_size"], generator=torch.Generator().manual_seed(2))
-    examples = check.chain_examples(chain, 16 * 20, 32, seed=10_000)
-    plain = check.lora_run(confident, examples, "nf4", "none", steps=20)
+    examples, plain = nf4_plain
     frozen = check.lora_run(confident, examples, "nf4", "none", steps=20, fast=check.variant("frozen_bf16"))
     assert check.compare(plain, frozen)["loss_fall"] >= 0.1
     assert frozen["losses"] == plain["losses"]
@@ -163,13 +169,11 @@ def test_check_variants_without_liger(tiny_base, tmp_path):
     assert (tmp_path / "check" / "check.json").is_file()
 
 
-def test_fused_lora_on_4bit_adds_in_the_fp32_of_the_base_output(confident):
+def test_fused_lora_on_4bit_adds_in_the_fp32_of_the_base_output(confident, nf4_plain):
     """On QLoRA's fp32 residual stream a 4-bit layer returns fp32; the fused LoRA adds its bf16 term to that in
     fp32 as PEFT does, instead of autocast's bf16 addmm, which rounded q/k/v/gate/up to bf16 (on the real SmolLM2
     a 2.95 % loss gap): the first step (LoRA B still zero) gives the plain path's loss and gradients bit for bit."""
-    chain = torch.randperm(TINY["vocab_size"], generator=torch.Generator().manual_seed(2))
-    examples = check.chain_examples(chain, 16 * 20, 32, seed=10_000)
-    plain = check.lora_run(confident, examples, "nf4", "none", steps=20)
+    examples, plain = nf4_plain
     for name in ("fused_lora", "frozen_bf16+fused_lora"):
         fused = check.lora_run(confident, examples, "nf4", "none", steps=20, fast=check.variant(name))
         assert fused["losses"][0] == plain["losses"][0], name
