@@ -176,6 +176,21 @@ def check_table(checks: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def part_check_table(path: Path) -> str:
+    """The fast path's Liger-free parts checked alone against the plain path on the CPU (`--fast none --variants`)."""
+    parts = json.loads(path.read_text())
+    lines = [f"{parts['model']}, {parts['records']}, {parts['steps']} steps, lr {parts['learning_rate']}, "
+             f"{parts['precision']}, {parts['device']}, checkpointing {parts['checkpointing']}.", "",
+             "| quant | micro-batch × max length | variant on the plain path | passed | max rel. loss diff "
+             "| loss fall | grad cosine | first-step gradients identical |",
+             "|---|---|---|---|---:|---:|---:|---|"]
+    for run in parts["runs"]:
+        lines.append(f"| {run['quantization']} | {run['micro_batch_size']} × {run['max_length']} | {run['variant']} "
+                     f"| {run['passed']} | {run['max_relative_loss_difference']:.2e} | {run['loss_fall']:.1%} "
+                     f"| {run['gradient_cosine']:.6f} | {run['first_step_gradients_identical']} |")
+    return "\n".join(lines)
+
+
 def export_table(rows: list[dict]) -> str:
     """Generation tokens/s and size on disk of the deployable formats, per call, model and batch."""
     lines = ["| call | model | batch | format | tok/s (median, range) | size on disk | vs int8 |", "|---|---|---|---|---|---|---|"]
@@ -191,7 +206,8 @@ def export_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def render(results: Path, checks: Path, generation_checks: Path) -> str:
+def render(results: Path, checks: Path, generation_checks: Path,
+           part_checks: Path = HERE / "qlora_gap_cpu.json") -> str:
     rows = read(results)
     training = [row for row in rows if row.get("task", "training") == "training"]
     generation = [row for row in rows if row.get("task") == "generation"]
@@ -205,6 +221,8 @@ def render(results: Path, checks: Path, generation_checks: Path) -> str:
                       "pass: every step's loss within 1 % of the plain path's while the loss falls ≥ 10 %, first-step "
                       "LoRA gradients cosine ≥ 0.999 and norm within 1 %. `broken` drops the LoRA scaling and must "
                       "fail.", "", check_table(read(checks)), "",
+                      "### QLoRA's fast-path parts alone, on the CPU (benchmarks/qlora_gap_cpu.json)", "",
+                      part_check_table(part_checks), "",
                       "## Evaluation generation (issue 12; rows of benchmarks/results.jsonl with `task: generation`)",
                       "", "Greedy, exactly the stated new tokens (min = max, no stop token), random prompts, random "
                       "weights of the real shapes, bf16, SDPA; tokens/s = batch × new tokens ÷ wall time of one call "
